@@ -158,18 +158,24 @@ def cag_loss(src_logits: torch.Tensor, src_labels: torch.Tensor, src_features: t
              tgt_logits: torch.Tensor, tgt_features: torch.Tensor, anchors: torch.Tensor,
              anchor_labels: torch.Tensor, prob_labels: torch.Tensor | None, lam: float = 0.7,
              pseudo_label_mode: str = "both", distance_variant: str = "faithful",
-             ignore_index: int = IGNORE_INDEX, min_pixels: int = 10) -> dict[str, torch.Tensor]:
+             ignore_index: int = IGNORE_INDEX, min_pixels: int = 10,
+             anchor_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Total CAG objective L = CE_s + CE_t + lam * (L_dis^s + L_dis^t) (method-spec 4.4).
 
     Student logits and features are at stride 4; ``src_labels`` at crop size. The source CE
     upsamples the logits; the source distance loss uses the labels downsampled (nearest) to
     the feature size. The target distance loss uses the anchor pseudo-labels. The distance
-    masks use the student's own detached argmax. Returns total, ce_source, ce_target,
+    masks use the student's own detached argmax. ``anchor_valid`` (bool [C]) keeps classes
+    without an anchor out of the distance losses. Returns total, ce_source, ce_target,
     dist_source, dist_target.
     """
     _check_spatial("src_logits", src_logits, "src_features", src_features)
     _check_spatial("tgt_logits", tgt_logits, "tgt_features", tgt_features)
     src_small_labels = downsample_labels(src_labels, src_features.shape[-2:])
+    if anchor_valid is not None:
+        has_anchor = torch.cat([anchor_valid.to(src_labels.device), anchor_valid.new_zeros(1).to(src_labels.device)])
+        index = torch.where(src_small_labels < anchors.shape[0], src_small_labels, anchors.shape[0])
+        src_small_labels = torch.where(has_anchor[index], src_small_labels, torch.full_like(src_small_labels, ignore_index))
     parts = {
         "ce_source": segmentation_ce(src_logits, src_labels, ignore_index),
         "ce_target": target_pseudo_label_loss(tgt_logits, anchor_labels, prob_labels, pseudo_label_mode,

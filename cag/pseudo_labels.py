@@ -56,15 +56,20 @@ def per_class_values(value, classes: torch.Tensor, num_classes: int, name: str) 
 
 @torch.no_grad()
 def anchor_pseudo_labels(features: torch.Tensor, anchors: torch.Tensor, delta_d=2.5,
-                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, valid: torch.Tensor | None = None) -> torch.Tensor:
     """CA-based pseudo-labels [B, h, w] (paper eq. (2), released ``cluster_arg``).
 
     Active: margin >= delta_d (a margin exactly at delta_d is active, as in the released code;
     the paper writes ">"). ``delta_d`` is a float or a per-class tensor [C] indexed by the
     nearest class. Active pixels get the nearest class, inactive ones ``ignore_index``.
-    With a single anchor every pixel is active and labelled 0.
+    With a single anchor every pixel is active and labelled 0. ``valid`` (bool [C]) leaves out
+    classes that have no anchor (no source pixel ever reached the anchor rule): they are
+    infinitely far, so they are never assigned and never the runner-up.
     """
     distances = anchor_distances(features, anchors)
+    if valid is not None:
+        far = torch.tensor(float("inf"), device=distances.device)
+        distances = torch.where(valid.to(distances.device).view(1, -1, 1, 1), distances, far)
     nearest, margin = nearest_anchor_margin(distances)
     threshold = per_class_values(delta_d, nearest, anchors.shape[0], "delta_d")
     return torch.where(margin >= threshold, nearest, torch.full_like(nearest, ignore_index))

@@ -1,0 +1,106 @@
+"""Several processes, one machine or several (torchrun): DDP helpers and a CPU-capable SyncBN.
+
+``torchrun --nproc_per_node=N -m cag run ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; every rank
+trains on its share of each global batch, gradients are averaged by DistributedDataParallel,
+BatchNorm statistics are synchronised (method-spec 8 item 14: SyncBN under DDP), metrics are
+all-reduced, and rank 0 alone logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device_type: str) -> bool:
+    """Join the process group torchrun describes in the environment; False when run alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return True
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor (for logging)."""
+    if world_size() == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / world_size()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span every rank, on any device (gloo included).
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors; this layer all-reduces the per-channel
+    sum, sum of squares and count with differentiable collectives, so the forward pass and the
+    gradients equal those of one process holding the whole global batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
+        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
+    """SyncBatchNorm on CUDA, :class:`GlobalBatchNorm2d` elsewhere; unchanged for one process."""
+    if world_size() == 1:
+        return module
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_global(module)
+
+
+def _convert_global(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+        out = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _convert_global(child))
+    return out
