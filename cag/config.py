@@ -319,6 +319,9 @@ def validate(cfg: Config) -> Config:
     if crop_w > widest:
         raise ConfigError(f"data.crop: width {crop_w} exceeds the widest scaled image "
                           f"(data.base_width {cfg.data.base_width} x data.scale {high} = {widest:g})")
+    if cfg.warmup.iters > 0 and min(cfg.data.crop) < 32:
+        raise ConfigError(f"data.crop: {cfg.data.crop} is too small for the warm-up discriminator, which "
+                          "downsamples by 32; use a crop of at least 32 x 32 or warmup.iters=0")
     for key in ("data.source_resize", "data.target_resize"):
         size = _get(cfg, key)
         if size is not None and crop_h > widest * size[1] / size[0]:
