@@ -53,6 +53,7 @@ class DataConfig:
     target_train_list: typing.Optional[str] = None
     val_split: str = "val"
     test_split: typing.Optional[str] = None
+    #: Read the target train labels to log pseudo-label precision (monitoring only, never a loss).
     target_train_labels: bool = False
     num_classes: int = 19
     source_resize: typing.Optional[list[int]] = field(default_factory=lambda: [1914, 1052])

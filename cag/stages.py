@@ -79,6 +79,8 @@ def make_model(cfg: Config, device: torch.device, init=None) -> nn.Module:
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
     return model
 
 
@@ -372,13 +374,16 @@ def compute_anchors(cfg: Config, stage_dir: Path, model_path) -> dict:
 
 
 def cag_train_step(cfg: Config, student: nn.Module, teacher: nn.Module, anchors: torch.Tensor, anchor_counts: torch.Tensor,
-                   xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, device: torch.device) -> dict:
+                   xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, device: torch.device,
+                   yt: torch.Tensor | None = None) -> dict:
     """Forward pass and losses of one CAG iteration (method-spec 3-4); the caller runs backward.
 
     The frozen pseudo-labeller labels the target crop (active targets, eq. 1-2, and probability
     pseudo-labels); the student sees the source and target crops in separate passes (per-domain
     BatchNorm statistics, as released) or one fused pass (``cag.fuse_forward``). Classes whose
     anchor count is 0 take part in neither the active-target test nor the distance losses.
+    Given the target crop's labels ``yt`` (monitoring only, as the released ``calc_recall``;
+    they never reach a loss), the precision of both pseudo-label maps is added to the result.
     """
     with torch.no_grad(), autocast(cfg, device):
         t_features, t_logits = teacher(xt)
@@ -397,6 +402,12 @@ def cag_train_step(cfg: Config, student: nn.Module, teacher: nn.Module, anchors:
                       lam=cfg.cag.lam, pseudo_label_mode=cfg.cag.pseudo_labels,
                       distance_variant=cfg.cag.distance_loss, min_pixels=cfg.cag.min_pixels, anchor_valid=valid)
     losses["active_fraction"] = (anchor_labels != 255).float().mean()
+    if yt is not None:
+        small = downsample_labels(yt, anchor_labels.shape[-2:])
+        for name, pseudo in (("anchor", anchor_labels), ("probability", prob_labels)):
+            assigned = (pseudo != 255) & (small != 255)
+            correct = (assigned & (pseudo == small)).sum()
+            losses[f"precision_{name}"] = correct / assigned.sum().clamp(min=1)
     return losses
 
 
@@ -419,14 +430,15 @@ def cag_stage(cfg: Config, stage_dir: Path, fingerprint: str, init, anchors_path
     optimizer = _sgd(student.parameters(), cfg, cfg.cag.lr)
     micro = _micro_batches(cfg)
     source = train_stream(cfg, source_dataset(cfg), cfg.data.source_resize, micro, cfg.seed, device)
-    target = train_stream(cfg, target_dataset(cfg, "train", labels=False), cfg.data.target_resize, micro, cfg.seed + 1, device)
+    monitor = cfg.data.target_train_labels
+    target = train_stream(cfg, target_dataset(cfg, "train", labels=monitor), cfg.data.target_resize, micro, cfg.seed + 1, device)
 
     def step(i: int) -> dict:
         sums: dict = {}
         for _ in range(cfg.train.grad_accum):
             xs, ys = to_device(source.next(), device, cfg.train.channels_last)
-            xt, _ = to_device(target.next(), device, cfg.train.channels_last)
-            losses = cag_train_step(cfg, student, teacher, anchors, counts, xs, ys, xt, device)
+            xt, yt = to_device(target.next(), device, cfg.train.channels_last)
+            losses = cag_train_step(cfg, student, teacher, anchors, counts, xs, ys, xt, device, yt if monitor else None)
             (losses["total"] / cfg.train.grad_accum).backward()
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / cfg.train.grad_accum

@@ -124,6 +124,7 @@ def test_whole_pipeline_writes_the_run_directory(bench, tmp_path):
     train = [l for l in lines if l["kind"] == "train"]
     assert [l["iter"] for l in train] == [2, 3]
     assert all(math.isfinite(l[k]) for l in train for k in ("total", "ce_source", "ce_target", "dist_source", "dist_target"))
+    assert all(0.0 <= l[k] <= 1.0 for l in train for k in ("active_fraction", "precision_anchor", "precision_probability"))
     assert [l["iter"] for l in lines if l["kind"] == "val"] == [3]
     best = torch.load(run / "stage1" / "best_val.pt", weights_only=True)
     assert best["selected_on"] == "target validation split" and best["iter"] == 3
