@@ -56,17 +56,22 @@ def _train(rank: int, world: int, port: int, bench: str, out: str) -> None:
     """One rank of a source-only run; dropout is off so that every rank's forward is reproducible."""
     from cag import stages
 
+    dropout_forward, threads = torch.nn.Dropout.forward, torch.get_num_threads()
     torch.nn.Dropout.forward = lambda self, x: x
     torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = load_config(REPO / "configs" / "synthetic.yaml", [
-        f"data.source_root={bench}/source", f"data.target_root={bench}/target", f"out_dir={out}",
-        f"train.batch_size={GLOBAL_BATCH // world}", *SETTINGS])
-    stages.supervised_stage(cfg, Path(out) / "source_only", "ddp-test")
-    if world > 1:
-        dist.destroy_process_group()
+    try:
+        if world > 1:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        cfg = load_config(REPO / "configs" / "synthetic.yaml", [
+            f"data.source_root={bench}/source", f"data.target_root={bench}/target", f"out_dir={out}",
+            f"train.batch_size={GLOBAL_BATCH // world}", *SETTINGS])
+        stages.supervised_stage(cfg, Path(out) / "source_only", "ddp-test")
+        if world > 1:
+            dist.destroy_process_group()
+    finally:
+        torch.nn.Dropout.forward = dropout_forward
+        torch.set_num_threads(threads)
 
 
 def _losses(out: Path) -> list[float]:
