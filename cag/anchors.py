@@ -20,13 +20,12 @@ without executing anything but an allow-list of numpy constructors.
 from __future__ import annotations
 
 import _codecs
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpoint import save_checkpoint
 
 
 ANCHOR_FILE_FORMAT = "cag-anchors-v1"
@@ -197,24 +196,13 @@ class AnchorAccumulator:
 def save_anchors(path, anchors: torch.Tensor, counts: torch.Tensor, **meta) -> None:
     """Saves anchors [C, D] and counts [C] as a plain dict of tensors (method-spec 2, decision).
 
-    ``meta`` holds plain values (str, int, float, bool). The write is atomic: a temporary file
-    in the same folder is renamed over ``path``.
+    ``meta`` holds plain values (str, int, float, bool). The write is atomic
+    (:func:`cag.checkpoint.save_checkpoint`).
     """
     anchors, counts = _checked_anchor_tensors(anchors, counts, source="save_anchors")
     record = {"format": ANCHOR_FILE_FORMAT, "anchors": anchors.detach().cpu().float(),
               "counts": counts.detach().cpu().float(), "meta": dict(meta)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(record, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_checkpoint(path, record)
 
 
 def load_anchors(path) -> tuple[torch.Tensor, torch.Tensor]:
