@@ -81,6 +81,7 @@ def save_checkpoint(path, obj) -> None:
 
     Writes a temporary file in the same directory, flushes and fsyncs it, then ``os.replace``s
     it over ``path``: a crash leaves either the old file or the new one, never half of one.
+    A failed write (a full disk) raises an OSError that names ``path``.
     """
     path = Path(path)
     check_plain(obj, str(path))
@@ -92,9 +93,16 @@ def save_checkpoint(path, obj) -> None:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from err
         raise
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    message = f"cannot write {path}: {err.strerror or err}; the previous {path.name}, if any, is unchanged"
+    return OSError(err.errno, message) if err.errno is not None else OSError(message)
 
 
 def _refusal_reason(message: str) -> str:

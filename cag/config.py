@@ -228,6 +228,8 @@ NON_NEGATIVE = {
     "train.weight_decay", "train.max_nan_skips", "data.synthetic.n_target_test",
 }
 POSITIVE_FLOAT = {"source_only.lr", "warmup.lr", "warmup.lr_d", "cag.lr"}
+#: Optional counts: None means "the default" (the stage length, every image); a number must be > 0.
+POSITIVE_IF_SET = {"source_only.poly_horizon", "warmup.poly_horizon", "train.val_max_images", "anchors.num_images"}
 
 
 def _type_name(tp) -> str:
@@ -301,6 +303,12 @@ def validate(cfg: Config) -> Config:
     for key in POSITIVE_FLOAT:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    for key in POSITIVE_IF_SET:
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0 when set, got {_get(cfg, key)}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide train.batch_size "
+                          f"{cfg.train.batch_size} (each step accumulates equal micro-batches)")
     if not 0.0 < cfg.cag.prob_threshold < 1.0:
         raise ConfigError(f"cag.prob_threshold: must lie in (0, 1), got {cfg.cag.prob_threshold}")
     if not 0.0 <= cfg.data.flip <= 1.0:

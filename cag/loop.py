@@ -81,14 +81,16 @@ class ResumableBatchSampler:
 class Stream:
     """An endless iterator over a loader that remembers (epoch, batches consumed) for resume.
 
-    Ports the released code's endless ``DataProvider`` (method-spec 8, "not dead").
+    Ports the released code's endless ``DataProvider`` (method-spec 8, "not dead"). The loader
+    has its own generator: starting an iterator draws a worker seed, which must not come from
+    the global generator that dropout uses, or a resumed run would draw one number more.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
         self.sampler = ResumableBatchSampler(len(dataset), batch_size, seed, rank=dist.rank(), world=dist.world_size())
         self.loader = DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
+            persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
         )
         self.consumed = 0
         self._it = None
@@ -135,7 +137,16 @@ class LoopState:
     nan_skips: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0
+    running: dict = field(default_factory=dict)  # loss sums since the last log line
     extra: dict = field(default_factory=dict)
+
+
+def _record(line: str) -> dict | None:
+    """A ``metrics.jsonl`` record, or None for a line that a crash cut short."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 class MetricsLog:
@@ -148,7 +159,8 @@ class MetricsLog:
         if not self.enabled:
             return
         if resume_iter is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("iter", 0) <= resume_iter]
+            kept = [l for l in self.path.read_text().splitlines()
+                    if (r := _record(l)) is not None and r.get("iter", 0) <= resume_iter]
             self.path.write_text("".join(l + "\n" for l in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -228,8 +240,15 @@ def _save_training_state(spec: LoopSpec, state: LoopState) -> None:
         "streams": {k: s.state_dict() for k, s in spec.streams.items()},
         "rng": _rng_state(),
         "loop": {"best_val": state.best_val, "best_iter": state.best_iter, "nan_skips": state.nan_skips,
-                 "images_seen": state.images_seen, "train_seconds": state.train_seconds},
+                 "images_seen": state.images_seen, "train_seconds": state.train_seconds,
+                 "running": {k: torch.as_tensor(v).detach().cpu() for k, v in state.running.items()}},
     })
+
+
+def _remove_partial_writes(stage_dir: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a crash cut short (``.NAME.pt.*.tmp``)."""
+    for tmp in stage_dir.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _restore(spec: LoopSpec, state: LoopState) -> bool:
@@ -251,6 +270,7 @@ def _restore(spec: LoopSpec, state: LoopState) -> bool:
     state.best_val, state.best_iter = float(loop["best_val"]), int(loop["best_iter"])
     state.nan_skips, state.images_seen = int(loop["nan_skips"]), int(loop["images_seen"])
     state.train_seconds = float(loop["train_seconds"])
+    state.running = dict(loop.get("running", {}))
     return True
 
 
@@ -276,6 +296,8 @@ def run_loop(spec: LoopSpec) -> LoopState:
     from tqdm.auto import tqdm
 
     spec.stage_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        _remove_partial_writes(spec.stage_dir)
     state = LoopState()
     resumed = _restore(spec, state)
     log = MetricsLog(spec.stage_dir, state.iteration if resumed else None)
@@ -283,7 +305,6 @@ def run_loop(spec: LoopSpec) -> LoopState:
         print(f"[{spec.description}] resuming at iteration {state.iteration} from {spec.stage_dir / 'last.pt'}", flush=True)
     bar = tqdm(total=spec.iters, initial=state.iteration, desc=spec.description, unit="it",
                disable=spec.quiet or not dist.is_main(), dynamic_ncols=True, mininterval=1.0)
-    running: dict = {}
     try:
         while state.iteration < spec.iters:
             i = state.iteration
@@ -310,11 +331,11 @@ def run_loop(spec: LoopSpec) -> LoopState:
             state.images_seen += spec.images_per_step * dist.world_size()
             state.train_seconds += time.perf_counter() - t0
             for key, value in losses.items():
-                running[key] = running.get(key, 0.0) + value.detach()
+                state.running[key] = state.running.get(key, 0.0) + value.detach()
             if state.iteration % spec.log_interval == 0 or state.iteration == spec.iters:
                 count = spec.log_interval if state.iteration % spec.log_interval == 0 else state.iteration % spec.log_interval
-                means = {k: float(dist.all_reduce_mean(v / count)) for k, v in running.items()}
-                running = {}
+                means = {k: float(dist.all_reduce_mean(v / count)) for k, v in state.running.items()}
+                state.running = {}
                 lr = spec.optimizers[next(iter(spec.optimizers))].param_groups[0]["lr"]
                 log.write({"kind": "train", "iter": state.iteration, "lr": lr, **means})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("total", "ce_source", "ce_target")})

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import warnings
 import time
 from pathlib import Path
 
 from . import distributed as dist
 from . import stages
-from .config import Config
+from .config import Config, ConfigError
 
 TRAINING_STAGES = ("source_only", "warmup")
 
@@ -55,6 +57,12 @@ def fingerprints(cfg: Config) -> dict[str, str]:
         fp[f"stage{k}"] = previous = _hash(previous, fp["anchors"], d["cag"], k)
     fp["evaluate"] = _hash(previous, d["eval"])
     return fp
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class Pipeline:
@@ -99,9 +107,7 @@ class Pipeline:
     def _finish(self, stage: str, result: dict) -> dict:
         record = {"fingerprint": self.fp[stage], "stage": stage, **result}
         if dist.is_main():
-            tmp = self.stage_dir(stage) / "done.json.tmp"
-            tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-            tmp.replace(self.stage_dir(stage) / "done.json")
+            _write_atomic(self.stage_dir(stage) / "done.json", json.dumps(record, indent=2, sort_keys=True, default=str))
         dist.barrier()
         return record
 
@@ -126,7 +132,7 @@ class Pipeline:
                                f"or `python -m cag {missing[0]} CONFIG` with the same settings")
         path = self._prepare(stage)
         if dist.is_main():
-            (path / "fingerprint").write_text(self.fp[stage])
+            _write_atomic(path / "fingerprint", self.fp[stage])
         return self._finish(stage, self._execute(stage, path))
 
     def _inputs(self, stage: str) -> list[str]:
@@ -216,13 +222,40 @@ class Pipeline:
         names = stage_names(self.cfg)
         if until is not None and until not in names:
             raise ValueError(f"unknown stage {until!r}; stages are {', '.join(names)}")
+        self.check_writable()
         self.prepare_data()
+        self.check_data()
         record = {}
         for stage in names:
             record = self.run_stage(stage)
             if stage == until:
                 break
         return record
+
+    def check_writable(self) -> None:
+        """Fail before any work when the run directory cannot be created or written (issue 9, item 6)."""
+        probe = self.run_dir / f".write-test-{os.getpid()}"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"out_dir: cannot write the run directory {self.run_dir} "
+                              f"({err.strerror or err})") from None
+
+    def check_data(self) -> None:
+        """Open every dataset the schedule reads, so that a wrong root, layout or split fails
+        before the first stage trains rather than hours later (layout and pairing checks only)."""
+        from .data import MissingFilesWarning
+
+        cfg = self.cfg
+        splits = [cfg.data.val_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MissingFilesWarning)
+            stages.source_dataset(cfg)
+            stages.target_dataset(cfg, "train", labels=cfg.data.target_train_labels)
+            for split in splits:
+                stages.target_dataset(cfg, split, labels=True)
 
     def prepare_data(self) -> None:
         """Generate the built-in benchmark when ``data.synthetic.root`` is set (skipped if present)."""
