@@ -5,6 +5,7 @@
     python -m cag stage2 configs/synthetic.yaml              # one stage (its inputs must be done)
     python -m cag config configs/synthetic.yaml train.amp=bf16   # print the validated config
     torchrun --nproc_per_node=4 -m cag run configs/gta5_to_cityscapes.yaml
+    python -m cag experiments configs/experiments/benchmark.yaml   # the benchmark table in results/
 
 Overrides use dotted keys and YAML values; unknown keys, wrong types and impossible values are
 refused before any work starts.
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in [("run", "run every stage (skipping finished ones, resuming interrupted ones)"),
                             ("config", "print the validated configuration as JSON"),
+                            ("experiments", "run an experiment file (configs/experiments/*.yaml) into results/"),
                             *[(s, f"run the {s} stage alone") for s in STAGES]]:
         q = sub.add_parser(name, help=help_text)
         q.add_argument("config", help="YAML file, e.g. configs/synthetic.yaml")
@@ -37,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "experiments":
+        return _experiments(args)
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
     try:
         cfg = load_config(args.config, overrides)
@@ -52,6 +56,11 @@ def main(argv=None) -> int:
 
     dist.init_from_env(resolve_device(cfg.device).type)
     pipeline = Pipeline(cfg)
+    try:
+        pipeline.check_writable()
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
     if args.command == "run":
         record = pipeline.run(until=args.until)
     else:
@@ -59,6 +68,19 @@ def main(argv=None) -> int:
         record = pipeline.run_stage(args.command)
     if dist.is_main() and not cfg.quiet:
         print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2, default=str))
+    return 0
+
+
+def _experiments(args) -> int:
+    """``python -m cag experiments FILE [key=value ...]``: overrides apply to every run of the file."""
+    from .experiments import run
+
+    try:
+        outcome = run(args.config, args.overrides, quiet=args.quiet)
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(outcome, indent=2, default=str))
     return 0
 
 
