@@ -12,7 +12,7 @@ export PYTHONHASHSEED := 0
 BOOK_STAMP := $(VENV)/.book-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: book test venv test-deps main-job html clean
+.PHONY: book test venv test-deps main-job notebooks html paper-run chromium clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,22 +30,42 @@ $(TEST_STAMP): requirements-test.txt $(BOOK_STAMP)
 venv: $(BOOK_STAMP)
 test-deps: $(TEST_STAMP)
 
-## make book: the pipeline on the built-in benchmark, then the HTML book in _build/html
+## make book: the pipeline on the built-in benchmark, the chapters re-executed, then the HTML book
 book: $(BOOK_STAMP)
 	$(MAKE) --no-print-directory main-job
+	$(MAKE) --no-print-directory notebooks
 	$(MAKE) --no-print-directory html
 
 main-job:
 	$(PY) -m cag run configs/synthetic.yaml
 
-html:
-	rm -rf _build/html _build/.doctrees
+# Re-execute every chapter of _toc.yml in place with papermill (sequentially: they share
+# runs/synthetic), keeping a chapter only when all its cells ran; volatile metadata stripped.
+notebooks: $(BOOK_STAMP)
+	$(PY) -m cag.book execute
+
+# Render the committed notebooks (no execution); maths served from _static/mathjax (offline).
+html: $(BOOK_STAMP)
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute
 	$(VENV)/bin/jupyter-book build --path-output . --warningiserror --nitpick --keep-going .
 	@echo "Book written to _build/html/index.html"
 
+## make paper-run CONFIG=configs/gta5_to_cityscapes.yaml STAGE=stage1 ARGS="data.source_root=... data.target_root=..."
+## executes the chapters up to STAGE on real data into runs/<name>/book/ (notebooks + run.json)
+CONFIG ?= configs/gta5_to_cityscapes.yaml
+STAGE ?= evaluate
+ARGS ?=
+paper-run: $(BOOK_STAMP)
+	$(PY) -m cag.book paper-run $(CONFIG) --stage $(STAGE) $(ARGS)
+
 ## make test: every test (unit, integration, notebooks)
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) chromium
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The HTML test drives headless Chromium (Debian's package); CI installs it when running as root.
+chromium:
+	@if [ "$${CI:-}" = true ] && [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 
 clean:
 	rm -rf _build runs

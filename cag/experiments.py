@@ -638,6 +638,19 @@ def pseudo_label_table(label_rows: list[dict], preset: str, arm: str = CAG_ARM, 
     return table
 
 
+def pseudo_label_overall(label_rows: list[dict], preset: str, arm: str = CAG_ARM, rule: str = "anchor") -> list[dict]:
+    """Per stage: precision and coverage of one rule pooled over classes and seeds (pixel counts summed)."""
+    rows = select(label_rows, preset=preset, arm=arm, rule=rule)
+    table = []
+    for stage in sorted({r["stage"] for r in rows}):
+        group = select(rows, stage=stage)
+        correct, assigned = sum(r["correct_pixels"] for r in group), sum(r["assigned_pixels"] for r in group)
+        labelled, truth = sum(r["labelled_pixels"] for r in group), sum(r["ground_truth_pixels"] for r in group)
+        table.append({"stage": stage, "precision": correct / assigned if assigned else math.nan,
+                      "coverage": labelled / truth if truth else math.nan})
+    return table
+
+
 def calibration_table(calibration_rows: list[dict]) -> list[dict]:
     """``calibration.csv`` for display: the strength as text, mIoU and ratio as fractions."""
     return [{"preset": r["preset"], "strength": f"{r['strength']:g}", "seed": r["seed"],

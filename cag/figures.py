@@ -5,10 +5,12 @@ notebook (the inline backend renders a returned ``Figure``), and no backend is f
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from .labels import colorize
+from .labels import class_names, colorize, palette
 
 
 def image_array(image) -> np.ndarray:
@@ -55,4 +57,305 @@ def show_domains(source_dataset, target_dataset, n: int = 4, num_classes: int = 
                 axes[row, col].set_title(titles[col])
     fig.suptitle("Source (synthetic) and target (real) domains: images with their colour-coded "
                  "ground-truth labels")
+    return fig
+
+
+# ----------------------------------------------------------------------------- book figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _class_colour(index: int, num_classes: int) -> tuple[float, float, float]:
+    return tuple(palette(num_classes)[index] / 255.0)
+
+
+def _class_legend(fig, classes, num_classes: int, ncols: int = 7) -> None:
+    from matplotlib.patches import Patch
+
+    names = class_names(num_classes)
+    handles = [Patch(color=_class_colour(c, num_classes), label=names[c]) for c in classes]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(ncols, max(len(handles), 1)),
+               fontsize="small", frameon=False)
+
+
+def show_grid(panels, col_titles=None, row_titles=None, title: str | None = None, cell: float = 2.0):
+    """Pictures in rows and columns: ``panels[row][col]`` is an RGB image ([H, W, 3], uint8 or
+    float in [0, 1]; a [3, H, W] tensor is accepted) or a scalar map [H, W] drawn in the
+    ``magma`` colour map. Used for the benchmark's shift, feature maps and gradient maps."""
+    rows, cols = len(panels), max(len(row) for row in panels)
+    first = _as_picture(panels[0][0])
+    aspect = first.shape[1] / first.shape[0]
+    fig = _figure(cols * cell * aspect, rows * cell + (0.5 if title else 0.2))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, row in enumerate(panels):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(row):
+                picture = _as_picture(row[c])
+                ax.imshow(picture, interpolation="nearest", cmap="magma" if picture.ndim == 2 else None)
+            else:
+                ax.set_axis_off()
+            if r == 0 and col_titles:
+                ax.set_title(col_titles[c], fontsize="medium")
+            if c == 0 and row_titles:
+                ax.set_ylabel(row_titles[r], fontsize="medium")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _as_picture(panel) -> np.ndarray:
+    if isinstance(panel, torch.Tensor):
+        panel = panel.detach().cpu()
+        if panel.dim() == 3 and panel.shape[0] == 3:
+            return image_array(panel)
+        panel = panel.numpy()
+    return np.asarray(panel)
+
+
+def show_pseudo_labels(images, labels, maps: dict, delta_d: float, num_classes: int = 19, n: int = 3):
+    """Active target pixels against probability pseudo-labels (paper eq. (1)-(2), method-spec 3).
+
+    One row per target image: the image, its ground truth (for the reader only; training never
+    sees it), the margin between the second-nearest and nearest anchor with the Delta_d contour,
+    the anchor-based pseudo-labels (active pixels only; black = inactive) and the
+    probability-based ones (p > threshold). ``maps`` is :func:`cag.analysis.pseudo_label_maps`.
+    """
+    rows = min(n, len(images))
+    first = image_array(images[0])
+    aspect = first.shape[1] / first.shape[0]
+    fig = _figure(5 * 2.0 * aspect + 0.8, rows * 2.0 + 1.2)
+    axes = fig.subplots(rows, 5, squeeze=False)
+    titles = ("target image", "ground truth", f"margin d2 - d1 (white: {delta_d:g})",
+              "anchor pseudo-labels", "probability pseudo-labels")
+    margin_max = float(torch.nan_to_num(maps["margin"][:rows], posinf=0.0).quantile(0.99)) or 1.0
+    for r in range(rows):
+        margin = maps["margin"][r].cpu().numpy()
+        panels = [image_array(images[r]), colorize(labels[r], num_classes), None,
+                  colorize(maps["anchor"][r], num_classes), colorize(maps["probability"][r], num_classes)]
+        for c, panel in enumerate(panels):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 2:
+                shown = ax.imshow(margin, cmap="viridis", vmin=0.0, vmax=margin_max, interpolation="nearest")
+                if np.nanmin(margin) < delta_d < np.nanmax(margin[np.isfinite(margin)]):
+                    ax.contour(margin, levels=[delta_d], colors="white", linewidths=0.8)
+            else:
+                ax.imshow(panel, interpolation="nearest")
+            if r == 0:
+                ax.set_title(titles[c], fontsize="small")
+    fig.colorbar(shown, ax=axes[:, 2].tolist(), location="bottom", shrink=0.8, label="margin")
+    present = sorted(set(torch.unique(torch.as_tensor(labels[:rows])).tolist()) - {255})
+    _class_legend(fig, present, num_classes)
+    return fig
+
+
+def _grouped_bars(ax, series: dict, classes: list[str]) -> None:
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(classes))
+    for k, (name, values) in enumerate(series.items()):
+        heights = [np.nan if values.get(c) is None else values[c] for c in classes]
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, heights, width, label=name)
+    ax.set_xticks(x, classes, rotation=45, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _shown_classes(series: dict) -> list[str]:
+    names = list(dict.fromkeys(name for values in series.values() for name in values))
+    return [n for n in names if any(values.get(n) is not None and not np.isnan(values[n]) for values in series.values())]
+
+
+def plot_per_class(series: dict, ylabel: str, title: str, ylim=(0.0, 1.0)):
+    """Grouped bars of a per-class quantity: ``series`` maps a label (a model, a pseudo-label
+    kind) to ``{class name: value or None}``; classes without any value are left out."""
+    classes = _shown_classes(series)
+    fig = _figure(max(6.0, 0.55 * len(classes) * max(len(series), 1) ** 0.5 + 2), 3.6)
+    ax = fig.subplots()
+    _grouped_bars(ax, series, classes)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_iou_delta(delta: dict, title: str):
+    """Per-class IoU change between two models (:func:`cag.analysis.iou_delta`) as horizontal
+    bars: green where the second model is better, red where it is worse."""
+    classes = [c for c, v in delta.items() if v is not None and not np.isnan(v)]
+    values = np.array([delta[c] for c in classes])
+    fig = _figure(6.0, 0.3 * len(classes) + 1.2)
+    ax = fig.subplots()
+    ax.barh(classes, values, color=np.where(values >= 0, "tab:green", "tab:red"))
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("IoU change")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    return fig
+
+
+def _present_square(matrix, names) -> tuple[np.ndarray, list[str]]:
+    """The rows and columns of a class-by-class matrix whose row is not all NaN, and their names."""
+    matrix = torch.as_tensor(matrix).double()
+    present = [i for i in range(matrix.shape[0]) if not torch.isnan(matrix[i]).all()]
+    return matrix[present][:, present].numpy(), [names[i] for i in present]
+
+
+def _class_ticks(ax, labels) -> None:
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize="small")
+    ax.set_yticks(range(len(labels)), labels, fontsize="small")
+
+
+def plot_confusion(matrix, names, title: str):
+    """A row-normalised confusion matrix (:func:`cag.analysis.row_normalised`) of the classes
+    present in the ground truth: entry (t, p) is the share of class-t pixels predicted as p."""
+    shown, labels = _present_square(matrix, names)
+    fig = _figure(0.45 * len(labels) + 2.4, 0.45 * len(labels) + 1.6)
+    ax = fig.subplots()
+    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (t, p), value in np.ndenumerate(shown):
+        if value >= 0.01:
+            ax.text(p, t, f"{value:.2f}".lstrip("0"), ha="center", va="center", fontsize=6,
+                    color="white" if value > 0.6 else "black")
+    _class_ticks(ax, labels)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class's pixels")
+    ax.set_title(title)
+    return fig
+
+
+def plot_feature_space(panels: list[dict], num_classes: int = 19, title: str | None = None):
+    """Target pixel features against the category anchors in a 2-D projection (method-spec 2).
+
+    Each panel is a dict with ``title``, ``points`` [N, 2], ``classes`` [N] (ground truth, for
+    colour only), ``anchors`` [K, 2] and ``anchor_classes`` [K]: dots are pixels coloured by
+    their true class, stars the anchors in their class's colour.
+    """
+    fig = _figure(4.2 * len(panels), 4.6)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]
+    for ax, panel in zip(axes, panels):
+        points, classes = np.asarray(panel["points"]), np.asarray(panel["classes"])
+        colours = palette(num_classes)[classes] / 255.0
+        ax.scatter(points[:, 0], points[:, 1], c=colours, s=3, alpha=0.5, linewidths=0)
+        anchors = np.asarray(panel["anchors"])
+        anchor_colours = palette(num_classes)[np.asarray(panel["anchor_classes"])] / 255.0
+        ax.scatter(anchors[:, 0], anchors[:, 1], c=anchor_colours, s=180, marker="*", edgecolors="black",
+                   linewidths=0.8)
+        ax.set_title(panel["title"], fontsize="medium")
+        ax.set_xlabel("principal axis 1")
+        ax.set_ylabel("principal axis 2")
+    present = sorted(set(np.concatenate([np.asarray(p["classes"]) for p in panels]).tolist()))
+    _class_legend(fig, present, num_classes)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_anchor_distances(distances, names, delta_d: float, title: str):
+    """Pairwise anchor distances (:func:`cag.analysis.anchor_separation`) of the classes that
+    have an anchor, annotated; the scale against which Delta_d is set (method-spec 2)."""
+    shown, labels = _present_square(distances, names)
+    fig = _figure(0.45 * len(labels) + 2.6, 0.45 * len(labels) + 1.6)
+    ax = fig.subplots()
+    image = ax.imshow(shown, cmap="viridis")
+    for (a, b), value in np.ndenumerate(shown):
+        if a != b:
+            ax.text(b, a, f"{value:.1f}", ha="center", va="center", fontsize=6,
+                    color="white" if value < np.nanmean(shown) else "black")
+    _class_ticks(ax, labels)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=f"Euclidean distance (Delta_d = {delta_d:g})")
+    ax.set_title(title)
+    return fig
+
+
+def plot_curves(curves: dict, keys, title: str):
+    """Training curves of consecutive stages on one iteration axis: ``curves`` maps a stage name
+    to its ``metrics.jsonl`` records (:func:`cag.analysis.read_metrics`); one panel per key in
+    ``keys`` (records lacking a key are skipped); dashed lines mark where a stage begins, and
+    each stage keeps its colour in every panel."""
+    from matplotlib.lines import Line2D
+
+    keys = list(keys)
+    fig = _figure(7.5, 2.1 * len(keys) + 0.9)
+    axes = fig.subplots(len(keys), 1, squeeze=False, sharex=True)[:, 0]
+    offset, starts = 0, []
+    for k, (stage, records) in enumerate(curves.items()):
+        starts.append(offset)
+        for ax, key in zip(axes, keys):
+            points = [(offset + r["iter"], r[key]) for r in records if key in r]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, color=f"C{k}", marker="o" if len(points) < 8 else None, markersize=3)
+        offset += max((r["iter"] for r in records), default=0)
+    for ax, key in zip(axes, keys):
+        for start in starts[1:]:
+            ax.axvline(start, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=f"C{k}", label=stage) for k, stage in enumerate(curves)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize="small", frameon=False)
+    axes[-1].set_xlabel("iteration (stages one after another)")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_margins(margins, correct, delta_d: float, title: str):
+    """Histogram of the anchor margin d2 - d1 (paper eq. (2)) of target pixels whose nearest
+    anchor is right against those where it is wrong, with the Delta_d threshold."""
+    margins, correct = np.asarray(margins, dtype=float), np.asarray(correct, dtype=bool)
+    finite = np.isfinite(margins)
+    bins = np.linspace(0.0, np.quantile(margins[finite], 0.995) if finite.any() else 1.0, 40)
+    fig = _figure(6.5, 3.2)
+    ax = fig.subplots()
+    ax.hist(margins[finite & correct], bins=bins, alpha=0.6, label="nearest anchor is the true class")
+    ax.hist(margins[finite & ~correct], bins=bins, alpha=0.6, label="nearest anchor is wrong")
+    ax.axvline(delta_d, color="black", linestyle="--", label=f"Delta_d = {delta_d:g}")
+    ax.set_xlabel("margin d2 - d1 (second-nearest minus nearest anchor distance)")
+    ax.set_ylabel("pixels")
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return fig
+
+
+def plot_delta_sweep(deltas, precision, coverage, active, chosen: float, title: str):
+    """Pixel-weighted precision, coverage and active fraction of the anchor pseudo-labels
+    against Delta_d (method-spec 3): a larger margin buys precision with coverage."""
+    fig = _figure(6.5, 3.4)
+    ax = fig.subplots()
+    for values, label in ((precision, "precision"), (coverage, "coverage (recall)"), (active, "active fraction")):
+        ax.plot(deltas, values, marker="o", markersize=3, label=label)
+    ax.axvline(chosen, color="black", linestyle="--", label=f"configured Delta_d = {chosen:g}")
+    ax.set_xlabel("Delta_d")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return fig
+
+
+def plot_quality(qualities: dict, names, title: str):
+    """Per-class precision (top) and coverage (bottom) of pseudo-labels: ``qualities`` maps a
+    label to a :func:`cag.pseudo_labels.pseudo_label_quality` dict (summed over a split)."""
+    fig = _figure(8.0, 6.0)
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, key, ylabel in ((axes[0], "precision", "precision"), (axes[1], "recall", "coverage (recall)")):
+        series = {label: {n: (None if math.isnan(v) else v) for n, v in zip(names, q[key].tolist())}
+                  for label, q in qualities.items()}
+        present = [n for n, count in zip(names, next(iter(qualities.values()))["ground_truth"].tolist()) if count > 0]
+        _grouped_bars(ax, series, present)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0.0, 1.0)
+    axes[0].legend(fontsize="small")
+    axes[0].tick_params(labelbottom=False)
+    fig.suptitle(title)
     return fig

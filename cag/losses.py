@@ -105,7 +105,7 @@ def faithful_distance_loss(features: torch.Tensor, labels: torch.Tensor, anchors
 
     Per image n and class t: mask = (label == t) & (prediction == t), skipped below
     ``min_pixels``; v_nt = class mean over the mask, with its gradient rescaled by
-    2 |mask| / (h w); l_nt = SmoothL1(v_nt, a_t) (beta 1, mean over D), divided by 10 while
+    ``2 * mask.sum() / (h * w)``; l_nt = SmoothL1(v_nt, a_t) (beta 1, mean over D), divided by 10 while
     > 5; L = 10 * sum(l_nt) / #pairs.
     """
     _check_spatial("features", features, "labels", labels)

@@ -231,3 +231,15 @@ def test_generated_summary_has_the_issue_columns_arms_and_fractions():
     assert all(0.0 <= v <= 1.0 for v in values)
     keys = [(r["preset"], r["arm"], r["seed"], r["checkpoint"]) for r in rows]
     assert len(keys) == len(set(keys))
+
+
+def test_pseudo_label_overall_pools_pixels_over_classes_and_seeds():
+    base = {"preset": "class", "arm": "cag", "rule": "anchor", "stage": 1}
+    rows = [{**base, "seed": 1, "class": "road", "correct_pixels": 3, "assigned_pixels": 4, "labelled_pixels": 5,
+             "ground_truth_pixels": 10},
+            {**base, "seed": 2, "class": "sidewalk", "correct_pixels": 1, "assigned_pixels": 1, "labelled_pixels": 1,
+             "ground_truth_pixels": 10},
+            {**base, "rule": "probability", "seed": 1, "class": "road", "correct_pixels": 0, "assigned_pixels": 9,
+             "labelled_pixels": 9, "ground_truth_pixels": 10}]
+    (stage1,) = ex.pseudo_label_overall(rows, "class")
+    assert stage1 == {"stage": 1, "precision": pytest.approx(4 / 5), "coverage": pytest.approx(6 / 20)}

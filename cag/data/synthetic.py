@@ -325,7 +325,7 @@ def draw_truck(canvas: Canvas, ground: Ground, depth: float, lane: float, w: int
 
 def beside_road(ground: Ground, depth: float, side: float) -> float:
     """Column on the sidewalk: ``side`` in [-1, 1] goes from the left outer edge through the
-    road edges (|side| = 0) to the right outer edge."""
+    road edges (``abs(side) == 0``) to the right outer edge."""
     half_road, half_walk = ground.road_half(depth), ground.walk_half(depth)
     direction = 1.0 if side >= 0 else -1.0
     return ground.vanish_x + direction * (half_road + abs(side) * (half_walk - half_road))

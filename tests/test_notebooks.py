@@ -1,0 +1,199 @@
+"""The book's notebooks: hygiene of the committed files, the cag.book tool, and nbval re-execution.
+
+Hygiene (fast): every chapter of ``_toc.yml`` is committed executed, top to bottom, without
+errors or warnings in its outputs, with exactly one ``parameters`` cell (the first code cell,
+plain literals, ``profile = "ci"``), no papermill leftovers, no machine paths, alt text for every
+figure and every glued number it quotes. Re-execution (slow, part of ``make test``): nbval runs
+each chapter in a fresh kernel (``--nbval-lax``: it must run without error, and the cells
+tagged ``nbval-check-output`` must print what is committed, after tests/nbval_sanitize.cfg).
+The chapters share ``runs/synthetic``; the first one that needs a stage trains it.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cag import book
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = book.chapters(REPO)
+GLUE_ROLE = re.compile(r"\{glue(?::[a-z]+)?\}`([^`:]+)")
+MACHINE_PATHS = (str(REPO), "/home/", "/tmp/", "/root/")
+MAX_NOTEBOOK_BYTES = 3_000_000
+
+
+def ids(paths):
+    return [p.stem for p in paths]
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def output_text(output) -> str:
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    return "\n".join(v for k, v in output.get("data", {}).items() if isinstance(v, str) and not k.startswith("image/"))
+
+
+def test_the_toc_lists_every_chapter_notebook():
+    listed = {p.name for p in NOTEBOOKS}
+    on_disk = {p.name for p in (REPO / "book").glob("*.ipynb") if not p.name.startswith(".") and ".failed" not in p.name}
+    assert on_disk == listed
+    assert len(listed) >= 9
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_notebook_is_committed_clean_and_executed(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name}: {path.stat().st_size} bytes of outputs"
+    assert "papermill" not in nb.metadata, f"{path.name}: papermill metadata (run python -m cag.book clean)"
+    cells = code_cells(nb)
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    assert tagged == [0], f"{path.name}: the first code cell, and only it, must be tagged 'parameters'"
+    assert book.parameter_defaults(path).get("profile", "ci") == "ci", f"{path.name}: default profile must be 'ci'"
+    for cell in cells:
+        assert "injected-parameters" not in cell.metadata.get("tags", []), f"{path.name}: papermill injected a cell"
+        assert not {"papermill", "execution", "ExecuteTime"} & set(cell.metadata), f"{path.name}: timing metadata"
+    assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1)), f"{path.name}: not run top to bottom"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_notebook_outputs_have_no_errors_warnings_or_machine_paths(path):
+    nb = nbformat.read(path, as_version=4)
+    for n, cell in enumerate(code_cells(nb), start=1):
+        for output in cell.outputs:
+            assert output.output_type != "error", f"{path.name} cell [{n}]: {output.get('ename')}: {output.get('evalue')}"
+            assert output.get("name") != "stderr", f"{path.name} cell [{n}] writes to stderr: {output.get('text', '')[:300]}"
+            text = output_text(output)
+            leaked = [p for p in MACHINE_PATHS if p in text]
+            assert not leaked, f"{path.name} cell [{n}] shows a machine path {leaked}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_every_figure_has_alt_text_and_every_quoted_number_is_glued(path):
+    nb = nbformat.read(path, as_version=4)
+    glued = set(book.glued_values(nb))
+    for n, cell in enumerate(code_cells(nb), start=1):
+        if any("image/png" in o.get("data", {}) for o in cell.outputs):
+            alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
+            assert len(alt) > 20, f"{path.name} cell [{n}]: a figure without alt text (metadata mystnb.image.alt)"
+    quoted = {key for c in nb.cells if c.cell_type == "markdown" for key in GLUE_ROLE.findall(c.source)}
+    assert quoted <= glued, f"{path.name}: quotes numbers it never glued: {sorted(quoted - glued)}"
+
+
+# ----------------------------------------------------------------------------- the cag.book tool
+
+
+def make_notebook(sources, tags=None):
+    cells = [nbformat.v4.new_code_cell(s, metadata={"tags": tags[i]} if tags and tags[i] else {})
+             for i, s in enumerate(sources)]
+    return nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                          "language": "python"}})
+
+
+def test_clean_notebook_strips_timings_and_renumbers():
+    nb = make_notebook(["1", "2", "3"])
+    nb.metadata["papermill"] = {"duration": 1.5}
+    counts = [4, None, 9]
+    for cell, count in zip(nb.cells, counts):
+        cell.execution_count = count
+        cell.metadata.update({"papermill": {"status": "completed"}, "execution": {"iopub.status.busy": "now"}, "tags": []})
+    nb.cells[2].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "3"}, execution_count=9)]
+    cleaned = book.clean_notebook(nb)
+    assert "papermill" not in cleaned.metadata
+    assert [c.metadata for c in cleaned.cells] == [{}, {}, {}]
+    assert [c.execution_count for c in cleaned.cells] == [1, None, 2]
+    assert cleaned.cells[2].outputs[0]["execution_count"] == 2
+
+
+def write_repo(root: Path, notebooks: dict) -> None:
+    (root / "cag").mkdir()
+    (root / "cag" / "__init__.py").write_text("")
+    (root / "configs").mkdir()
+    (root / "book").mkdir()
+    (root / "book" / "intro.md").write_text("# intro")
+    for name, source in notebooks.items():
+        nbformat.write(make_notebook([source, "x = 1"], tags=[["parameters"], None]), root / "book" / f"{name}.ipynb")
+    toc = ("format: jb-book\nroot: book/intro\nparts:\n  - caption: A\n    chapters:\n"
+           + "".join(f"      - file: book/{name}\n" for name in notebooks) + "      - file: book/missing\n")
+    (root / "_toc.yml").write_text(toc)
+
+
+def test_chapters_follow_the_toc_and_skip_non_notebooks(tmp_path):
+    write_repo(tmp_path, {"02_b": "profile = 'ci'", "01_a": "profile = 'ci'"})
+    assert [p.name for p in book.chapters(tmp_path)] == ["02_b.ipynb", "01_a.ipynb"]
+
+
+def test_parameter_defaults_reads_the_literals(tmp_path):
+    write_repo(tmp_path, {"a": "profile = 'ci'  # note\nstage = None\noverrides = {'cag.lam': 0.5}"})
+    assert book.parameter_defaults(tmp_path / "book" / "a.ipynb") == {"profile": "ci", "stage": None,
+                                                                      "overrides": {"cag.lam": 0.5}}
+
+
+def test_paper_chapters_pick_the_chapters_up_to_a_stage(tmp_path):
+    write_repo(tmp_path, {"01": "stage = None", "02": "stage = 'warmup'", "03": "stage = 'stage2'",
+                          "08": "profile = 'ci'"})
+    order = ["source_only", "warmup", "anchors", "stage1", "stage2", "stage3", "evaluate"]
+    assert [p.stem for p in book.paper_chapters(tmp_path, "stage1", order)] == ["01", "02"]
+    assert [p.stem for p in book.paper_chapters(tmp_path, "evaluate", order)] == ["01", "02", "03"]
+    with pytest.raises(ValueError, match="stage9"):
+        book.paper_chapters(tmp_path, "stage9", order)
+
+
+def test_glued_values_reads_myst_nb_records():
+    nb = make_notebook(["glue"])
+    nb.cells[0].outputs = [nbformat.v4.new_output(
+        "display_data", {"application/papermill.record/text/plain": "0.25"},
+        metadata={"scrapbook": {"name": "miou", "mime_prefix": "application/papermill.record/"}})]
+    assert book.glued_values(nb) == {"miou": "0.25"}
+
+
+def test_repo_relative_keeps_outside_paths_absolute(tmp_path):
+    assert book.repo_relative(tmp_path / "configs" / "a.yaml", tmp_path) == "configs/a.yaml"
+    assert book.repo_relative("/elsewhere/a.yaml", tmp_path) == "/elsewhere/a.yaml"
+
+
+@pytest.mark.parametrize("argv", [["execute", "--stage", "stage1"], ["execute", "book/no_such_chapter.ipynb"],
+                                  ["paper-run", "configs/synthetic.yaml", "stray"], ["clean"]])
+def test_command_line_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        book.main(argv)
+    assert exit_info.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_execute_replaces_a_notebook_only_when_every_cell_ran(tmp_path):
+    pytest.importorskip("papermill")
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(make_notebook(["value = 2", "print(value * 21)"], tags=[["parameters"], None]), path)
+    book.execute(path, parameters={"value": 3})
+    executed = nbformat.read(path, as_version=4)
+    assert "papermill" not in executed.metadata
+    assert "63" in executed.cells[-1].outputs[0]["text"]
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    nbformat.write(make_notebook(["value = 2", "raise ValueError('broken')"], tags=[["parameters"], None]), path)
+    before = path.read_text()
+    with pytest.raises(Exception, match="broken"):
+        book.execute(path)
+    assert path.read_text() == before
+    assert (tmp_path / "chapter.failed.ipynb").is_file()
+
+
+# ----------------------------------------------------------------------------- nbval
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_notebook_re_executes_under_nbval(path):
+    pytest.importorskip("nbval")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
+               "--nbval-sanitize-with", str(REPO / "tests" / "nbval_sanitize.cfg"), str(path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"nbval failed on {path.name}:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}"
