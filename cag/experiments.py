@@ -605,6 +605,20 @@ def per_class_table(rows: list[dict], preset: str, checkpoint: str = "last", num
     return table
 
 
+def per_class_mean_std(rows: list[dict], preset: str, checkpoint: str = "last", num_classes: int = 19) -> list[dict]:
+    """As :func:`per_class_table`, each cell the text "mean ± std" in IoU points (%, over seeds)."""
+    rows = select(rows, preset=preset, checkpoint=checkpoint)
+    classes = [c for c in class_names(num_classes) if not np.all(np.isnan(_values(rows, c)))]
+
+    def cell(values) -> str:
+        mean, std, n = mean_std(100 * values)
+        return "–" if n == 0 else f"{mean:.1f} ± {std:.1f}"
+
+    return [{"arm": arm, **{name: cell(_values(select(rows, arm=arm), key))
+                            for name, key in [("mIoU", "miou"), *[(c, c) for c in classes]]}}
+            for arm in arm_order(rows)]
+
+
 def targets(rows: list[dict], preset: str = "class", checkpoint: str = "last") -> dict:
     """Issue 7's targets on ``preset``: CAG stage 3 >= source-only + 5 points and >= warm-up + 2 points.
 

@@ -124,7 +124,8 @@ class Pipeline:
         record = self.done(stage)
         if record is not None:
             if not self.cfg.quiet and dist.is_main():
-                print(f"[{stage}] already done for this configuration: {self.stage_dir(stage)}", flush=True)
+                trained_at = f" (trained at commit {record['commit'][:7]})" if record.get("commit") else ""
+                print(f"[{stage}] already done for this configuration: {self.stage_dir(stage)}{trained_at}", flush=True)
             return record
         missing = [s for s in self._inputs(stage) if self.done(s) is None]
         if missing:

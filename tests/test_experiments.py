@@ -243,3 +243,17 @@ def test_pseudo_label_overall_pools_pixels_over_classes_and_seeds():
              "labelled_pixels": 9, "ground_truth_pixels": 10}]
     (stage1,) = ex.pseudo_label_overall(rows, "class")
     assert stage1 == {"stage": 1, "precision": pytest.approx(4 / 5), "coverage": pytest.approx(6 / 20)}
+
+
+def test_per_class_mean_std_formats_points_over_seeds_and_drops_absent_classes():
+    names = class_names(19)
+    rows = []
+    for seed, (miou, road) in enumerate([(0.30, 0.80), (0.34, 0.90)], start=1):
+        row = {"preset": "class", "arm": "warmup", "seed": seed, "checkpoint": "last", "miou": miou}
+        row.update({c: None for c in names})
+        row["road"] = road
+        rows.append(row)
+    rows.append({**rows[0], "checkpoint": "best_val", "miou": 0.99})
+    (table,) = ex.per_class_mean_std(rows, "class")
+    # mean 32.0, sample std of (30, 34) = 2.83; road mean 85.0, std 7.07
+    assert table == {"arm": "warmup", "mIoU": "32.0 ± 2.8", "road": "85.0 ± 7.1"}

@@ -10,6 +10,7 @@ The chapters share ``runs/synthetic``; the first one that needs a stage trains i
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -197,3 +198,29 @@ def test_notebook_re_executes_under_nbval(path):
                "--nbval-sanitize-with", str(REPO / "tests" / "nbval_sanitize.cfg"), str(path)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, f"nbval failed on {path.name}:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_paper_run_executes_the_chapters_up_to_a_stage_into_the_run_directory(tmp_path):
+    """`make paper-run`: the chapters up to a stage, executed with profile="paper" on files in the
+    real GTA5/Cityscapes layouts (the benchmark's), with run.json beside the notebooks."""
+    pytest.importorskip("papermill")
+    data = tmp_path / "data"
+    overrides = [f"out_dir={tmp_path / 'runs'}", f"data.synthetic.root={data}", f"data.source_root={data / 'source'}",
+                 f"data.target_root={data / 'target'}", "data.synthetic.n_source=16", "data.synthetic.n_target_train=16",
+                 "data.synthetic.n_target_val=8", "data.synthetic.n_target_test=8", "source_only.iters=4",
+                 "train.val_interval=4", "train.batch_size=4", "anchors.num_images=16"]
+    out = book.paper_run(REPO / "configs" / "synthetic.yaml", overrides, until="source_only")
+    assert out == tmp_path / "runs" / "synthetic" / "book"
+    assert sorted(p.name for p in out.glob("*.ipynb")) == ["01_data.ipynb", "02_network.ipynb"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["profile"] == "paper" and record["until"] == "source_only"
+    assert record["config"] == "configs/synthetic.yaml"
+    assert record["overrides"]["source_only.iters"] == 4
+    assert [n["name"] for n in record["notebooks"]] == ["01_data.ipynb", "02_network.ipynb"]
+    executed = nbformat.read(out / "02_network.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "profile = \"paper\"" in injected[0].source
+    assert not [o for c in code_cells(executed) for o in c.outputs if o.output_type == "error"]
+    done = json.loads((tmp_path / "runs" / "synthetic" / "source_only" / "done.json").read_text())
+    assert done["iters"] == 4
