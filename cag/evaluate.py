@@ -34,11 +34,14 @@ def predict_probs(model: nn.Module, image: torch.Tensor, size, flip: bool = Fals
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset, num_classes: int, device, batch_size: int = 1, flip: bool = False,
-                   scales=(1.0,), max_images: int | None = None, amp: bool = False, quiet: bool = False) -> ConfusionMatrix:
+                   scales=(1.0,), max_images: int | None = None, amp: bool = False, quiet: bool = False,
+                   num_workers: int = 0) -> ConfusionMatrix:
     """Accumulate the confusion matrix of ``model`` over ``dataset`` (items with ``image``, ``label``).
 
     Under DDP each rank scores its share and the matrices are summed. The train/eval mode of
-    every sub-module is restored afterwards (a frozen-BN warm-up stays frozen).
+    every sub-module is restored afterwards (a frozen-BN warm-up stays frozen). ``num_workers``
+    loader processes decode the images (full-size PNGs are the bottleneck on a GPU); the result
+    does not depend on it.
     """
     from tqdm.auto import tqdm
 
@@ -46,7 +49,8 @@ def evaluate_model(model: nn.Module, dataset, num_classes: int, device, batch_si
     model.eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     indices = list(range(n))[dist.rank()::dist.world_size()]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
     cm = ConfusionMatrix(num_classes, device=device)
     ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else nullcontext()
     for batch in tqdm(loader, desc="evaluate", disable=quiet or not dist.is_main(), unit="img", leave=False):

@@ -188,7 +188,8 @@ def _validator(cfg: Config, model: nn.Module, device: torch.device):
 
     def validate() -> dict:
         cm = evaluate_model(_unwrap(model), dataset, cfg.data.num_classes, device, batch_size=cfg.eval.batch_size,
-                            max_images=cfg.train.val_max_images, amp=cfg.train.amp == "bf16", quiet=True)
+                            max_images=cfg.train.val_max_images, amp=cfg.train.amp == "bf16", quiet=True,
+                            num_workers=cfg.data.num_workers)
         return {"miou": cm.miou()}
 
     return validate
@@ -459,7 +460,8 @@ def evaluate(cfg: Config, checkpoint, split: str) -> dict:
     device = resolve_device(cfg.device)
     model = make_model(cfg, device, checkpoint).eval()
     cm = evaluate_model(model, eval_dataset(cfg, split), cfg.data.num_classes, device, batch_size=cfg.eval.batch_size,
-                        flip=cfg.eval.flip, scales=tuple(cfg.eval.scales), amp=cfg.train.amp == "bf16", quiet=cfg.quiet)
+                        flip=cfg.eval.flip, scales=tuple(cfg.eval.scales), amp=cfg.train.amp == "bf16", quiet=cfg.quiet,
+                        num_workers=cfg.data.num_workers)
     names = class_names(cfg.data.num_classes)
     iou = cm.iou()
     result = {"path": str(checkpoint), "split": split, "miou": cm.miou(),
