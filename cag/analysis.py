@@ -37,7 +37,7 @@ PROFILE_DEVICES = {"ci": "cpu", "paper": "auto"}
 #: The configuration keys a chapter's ``iters`` parameter sets: every training stage's length.
 ITERATION_KEYS = ("source_only.iters", "warmup.iters", "cag.iters")
 #: The count keys that ``quality_rates`` turns into rates; they add up over batches.
-QUALITY_COUNTS = ("correct", "assigned", "ground_truth", "active", "evaluated")
+QUALITY_COUNTS = ("correct", "assigned", "ground_truth", "labelled", "active", "evaluated")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -279,13 +279,13 @@ def sum_quality(total: dict | None, batch: dict) -> dict:
 def split_pseudo_label_quality(model, dataset, anchors: torch.Tensor, counts: torch.Tensor, num_classes: int,
                                device, delta_ds=(2.5,), prob_threshold=0.95, batch_size: int = 16,
                                max_images: int | None = None) -> dict:
-    """Per-class precision and coverage of a pseudo-labeller's labels over a labelled target split.
+    """Per-class precision and recall of a pseudo-labeller's labels over a labelled target split.
 
     The released code logs the same with ``calc_recall`` (method-spec 3; target labels are read
     for this monitoring only, never by a loss). Each image is labelled whole (no crop), ground
     truth is downsampled with nearest to the feature size. Returns ``{"probability": quality,
     "anchor": {delta_d: quality}}``, each quality a :func:`cag.pseudo_labels.pseudo_label_quality`
-    dict summed over the split: ``precision`` [C], ``recall`` [C] (the coverage: the share of
+    dict summed over the split: ``precision`` [C], ``recall`` [C] (the share of
     class-c pixels that received the right pseudo-label) and ``active_fraction``.
     """
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -304,8 +304,8 @@ def split_pseudo_label_quality(model, dataset, anchors: torch.Tensor, counts: to
     return {"probability": probability, "anchor": anchor}
 
 
-def mean_precision_coverage(quality: dict) -> tuple[float, float]:
-    """Pixel-weighted precision (correct / assigned) and coverage (correct / ground truth) over
+def mean_precision_recall(quality: dict) -> tuple[float, float]:
+    """Pixel-weighted precision (correct / assigned) and recall (correct / ground truth) over
     all classes of a summed quality dict: the two sides of the Delta_d trade-off (method-spec 3)."""
     correct = float(quality["correct"].sum())
     assigned, truth = float(quality["assigned"].sum()), float(quality["ground_truth"].sum())

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from .config import Config, ConfigError, load_config
-from .labels import IGNORE_INDEX, class_names
+from .labels import class_names
 
 #: Arms that are not adapted runs: they come from the shared run or the oracle.
 FIXED_ARMS = ("source_only", "warmup", "target_oracle")
@@ -341,48 +341,25 @@ def stage_labellers(cfg: Config) -> list[tuple[int, Path, Path]]:
     return out
 
 
-@torch.no_grad()
 def pseudo_label_counts(cfg: Config, labeller: Path, anchors_path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Per-class pseudo-label counts of a frozen labeller over the target train split.
 
-    Both rules of method-spec 3 at the stage's settings: ``anchor`` (eq. 1-2, margin
-    ``cag.delta_d``) and ``probability`` (softmax > ``cag.prob_threshold``), on whole images
-    at feature resolution against the train labels downsampled by nearest. The labels exist on
-    disk for this measurement only; no training run reads them. Counts per rule: those of
-    :func:`cag.pseudo_labels.pseudo_label_quality` plus ``labelled`` [C] (class-c pixels that
-    received any pseudo-label).
+    Both rules of method-spec 3 at the stage's settings, ``anchor`` (eq. 1-2, margin
+    ``cag.delta_d``) and ``probability`` (softmax > ``cag.prob_threshold``), each a
+    :func:`cag.pseudo_labels.pseudo_label_quality` dict summed over the split by
+    :func:`cag.analysis.split_pseudo_label_quality` (whole images, labels downsampled by
+    nearest). The labels exist on disk for this measurement only; no training run reads them.
     """
-    from .anchors import downsample_labels, load_anchors
-    from .data import transforms
-    from .loop import Augmented
-    from .pseudo_labels import anchor_pseudo_labels, probability_pseudo_labels, pseudo_label_quality
-    from .stages import make_model, resolve_device, target_dataset
+    from .analysis import split_pseudo_label_quality
+    from .anchors import load_anchors
+    from .stages import eval_dataset, make_model, resolve_device
 
     device = resolve_device(cfg.device)
-    model = make_model(cfg, device, labeller).eval()
-    anchors, anchor_counts = (t.to(device) for t in load_anchors(anchors_path))
-    dataset = Augmented(target_dataset(cfg, "train", labels=True), transforms.eval_transform(resize=None), cfg.seed)
-    totals: dict[str, dict[str, torch.Tensor]] = {}
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size):
-        features, logits = model(batch["image"].to(device))
-        labels = downsample_labels(batch["label"].to(device), features.shape[-2:])
-        rules = {"anchor": anchor_pseudo_labels(features, anchors, cfg.cag.delta_d, valid=anchor_counts > 0),
-                 "probability": probability_pseudo_labels(logits, cfg.cag.prob_threshold)}
-        for rule, pseudo in rules.items():
-            counts = labelled_counts(pseudo, labels, cfg.data.num_classes)
-            totals[rule] = {k: totals.get(rule, {}).get(k, 0) + v.cpu() for k, v in counts.items()}
-    return totals
-
-
-def labelled_counts(pseudo: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
-    """``correct``, ``assigned``, ``ground_truth`` [C] (:func:`cag.pseudo_labels.pseudo_label_quality`)
-    and ``labelled`` [C]: pixels of true class c that received any pseudo-label."""
-    from .pseudo_labels import pseudo_label_quality
-
-    quality = pseudo_label_quality(pseudo, labels, num_classes)
-    has_label = (labels != IGNORE_INDEX) & (pseudo != IGNORE_INDEX)
-    labelled = torch.bincount(labels[has_label].long(), minlength=num_classes)
-    return {**{k: quality[k] for k in ("correct", "assigned", "ground_truth")}, "labelled": labelled}
+    anchors, anchor_counts = load_anchors(anchors_path)
+    quality = split_pseudo_label_quality(make_model(cfg, device, labeller), eval_dataset(cfg, "train"), anchors,
+                                         anchor_counts, cfg.data.num_classes, device, delta_ds=(cfg.cag.delta_d,),
+                                         prob_threshold=cfg.cag.prob_threshold, batch_size=cfg.eval.batch_size)
+    return {"anchor": quality["anchor"][cfg.cag.delta_d], "probability": quality["probability"]}
 
 
 def pseudo_label_rows(counts: dict[str, dict[str, torch.Tensor]], num_classes: int, **fields) -> list[dict]:
@@ -653,7 +630,8 @@ def pseudo_label_table(label_rows: list[dict], preset: str, arm: str = CAG_ARM, 
 
 
 def pseudo_label_overall(label_rows: list[dict], preset: str, arm: str = CAG_ARM, rule: str = "anchor") -> list[dict]:
-    """Per stage: precision and coverage of one rule pooled over classes and seeds (pixel counts summed)."""
+    """Per stage: precision, recall and coverage of one rule pooled over classes and seeds (pixel
+    counts summed; the rates of :func:`cag.pseudo_labels.quality_rates`)."""
     rows = select(label_rows, preset=preset, arm=arm, rule=rule)
     table = []
     for stage in sorted({r["stage"] for r in rows}):
@@ -661,6 +639,7 @@ def pseudo_label_overall(label_rows: list[dict], preset: str, arm: str = CAG_ARM
         correct, assigned = sum(r["correct_pixels"] for r in group), sum(r["assigned_pixels"] for r in group)
         labelled, truth = sum(r["labelled_pixels"] for r in group), sum(r["ground_truth_pixels"] for r in group)
         table.append({"stage": stage, "precision": correct / assigned if assigned else math.nan,
+                      "recall": correct / truth if truth else math.nan,
                       "coverage": labelled / truth if truth else math.nan})
     return table
 
@@ -673,19 +652,15 @@ def calibration_table(calibration_rows: list[dict]) -> list[dict]:
 
 
 def markdown(table: list[dict], digits: int = 1, percent: bool = True) -> str:
-    """A Markdown table of ``table`` (floats x 100 with ``digits`` decimals when ``percent``)."""
+    """A Markdown table of ``table`` (:func:`cag.analysis.markdown_table`; floats x 100 when ``percent``)."""
+    from .analysis import markdown_table
+
     if not table:
         return "(no rows)"
     columns = list(table[0])
-
-    def cell(value):
-        if isinstance(value, float):
-            return "–" if math.isnan(value) else f"{100 * value if percent else value:.{digits}f}"
-        return "–" if value is None else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in table]
-    return "\n".join(lines)
+    scale = 100.0 if percent else 1.0
+    return markdown_table(columns, [[scale * v if isinstance(v, float) else v for v in map(row.get, columns)]
+                                    for row in table], digits)
 
 
 # ----------------------------------------------------------------------------- figures

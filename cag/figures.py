@@ -327,12 +327,12 @@ def plot_margins(margins, correct, delta_d: float, title: str):
     return fig
 
 
-def plot_delta_sweep(deltas, precision, coverage, active, chosen: float, title: str):
-    """Pixel-weighted precision, coverage and active fraction of the anchor pseudo-labels
-    against Delta_d (method-spec 3): a larger margin buys precision with coverage."""
+def plot_delta_sweep(deltas, precision, recall, active, chosen: float, title: str):
+    """Pixel-weighted precision, recall and active fraction of the anchor pseudo-labels
+    against Delta_d (method-spec 3): a larger margin buys precision with recall."""
     fig = _figure(6.5, 3.4)
     ax = fig.subplots()
-    for values, label in ((precision, "precision"), (coverage, "coverage (recall)"), (active, "active fraction")):
+    for values, label in ((precision, "precision"), (recall, "recall"), (active, "active fraction")):
         ax.plot(deltas, values, marker="o", markersize=3, label=label)
     ax.axvline(chosen, color="black", linestyle="--", label=f"configured Delta_d = {chosen:g}")
     ax.set_xlabel("Delta_d")
@@ -344,11 +344,11 @@ def plot_delta_sweep(deltas, precision, coverage, active, chosen: float, title: 
 
 
 def plot_quality(qualities: dict, names, title: str):
-    """Per-class precision (top) and coverage (bottom) of pseudo-labels: ``qualities`` maps a
+    """Per-class precision (top) and recall (bottom) of pseudo-labels: ``qualities`` maps a
     label to a :func:`cag.pseudo_labels.pseudo_label_quality` dict (summed over a split)."""
     fig = _figure(8.0, 6.0)
     axes = fig.subplots(2, 1, sharex=True)
-    for ax, key, ylabel in ((axes[0], "precision", "precision"), (axes[1], "recall", "coverage (recall)")):
+    for ax, key, ylabel in ((axes[0], "precision", "precision"), (axes[1], "recall", "recall")):
         series = {label: {n: (None if math.isnan(v) else v) for n, v in zip(names, q[key].tolist())}
                   for label, q in qualities.items()}
         present = [n for n, count in zip(names, next(iter(qualities.values()))["ground_truth"].tolist()) if count > 0]

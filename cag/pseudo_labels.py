@@ -106,8 +106,9 @@ def pseudo_label_quality(pseudo: torch.Tensor, target: torch.Tensor, num_classes
 
     Only pixels with a valid ground truth are evaluated. Counts (int64, summable over
     batches): ``correct`` [C] (pseudo == target == c), ``assigned`` [C] (pseudo == c),
-    ``ground_truth`` [C] (target == c), ``active`` and ``evaluated`` (scalars: pixels with a
-    pseudo-label, pixels evaluated). Rates from :func:`quality_rates` are added.
+    ``ground_truth`` [C] (target == c), ``labelled`` [C] (target == c with any pseudo-label,
+    right or wrong), ``active`` and ``evaluated`` (scalars: pixels with a pseudo-label, pixels
+    evaluated). Rates from :func:`quality_rates` are added.
     """
     if pseudo.shape != target.shape:
         raise ValueError(f"pseudo {tuple(pseudo.shape)} and target {tuple(target.shape)} must have the same shape")
@@ -120,6 +121,7 @@ def pseudo_label_quality(pseudo: torch.Tensor, target: torch.Tensor, num_classes
         "correct": torch.bincount(target[pseudo == target], minlength=num_classes),
         "assigned": torch.bincount(pseudo[active], minlength=num_classes),
         "ground_truth": torch.bincount(target, minlength=num_classes),
+        "labelled": torch.bincount(target[active], minlength=num_classes),
         "active": active.sum(),
         "evaluated": torch.tensor(target.numel(), device=target.device),
     }
@@ -129,14 +131,18 @@ def pseudo_label_quality(pseudo: torch.Tensor, target: torch.Tensor, num_classes
 def quality_rates(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rates from (possibly batch-summed) quality counts; NaN where a denominator is 0.
 
-    precision_c = correct_c / assigned_c, recall_c = correct_c / ground_truth_c,
-    active_fraction = active / evaluated.
+    precision_c = correct_c / assigned_c, recall_c = correct_c / ground_truth_c (the share of
+    class c that gets the right label), coverage_c = labelled_c / ground_truth_c (the share that
+    gets any label; present when the counts have ``labelled``), active_fraction = active / evaluated.
     """
     def ratio(numerator, denominator):
         return numerator.double() / denominator.double()
 
-    return {
+    rates = {
         "precision": ratio(counts["correct"], counts["assigned"]),
         "recall": ratio(counts["correct"], counts["ground_truth"]),
         "active_fraction": ratio(counts["active"], counts["evaluated"]),
     }
+    if "labelled" in counts:
+        rates["coverage"] = ratio(counts["labelled"], counts["ground_truth"])
+    return rates

@@ -204,6 +204,11 @@ def _sgd(params, cfg: Config, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
 
 
+def _micro_batch(cfg: Config) -> int:
+    """Images per forward pass: the batch split into ``train.grad_accum`` equal parts (validated in config)."""
+    return cfg.train.batch_size // cfg.train.grad_accum
+
+
 def _write_summary(stage_dir: Path, cfg: Config, state, device: torch.device, started: float, extra: dict) -> dict:
     summary = {
         "stage": stage_dir.name, "iters": state.iteration, "best_val_miou": state.best_val if state.best_iter >= 0 else None,
@@ -232,7 +237,7 @@ def supervised_stage(cfg: Config, stage_dir: Path, fingerprint: str, *, domain: 
     model = wrap_ddp(make_model(cfg, device, init or cfg.model.init), device)
     dataset, resize = (source_dataset(cfg), cfg.data.source_resize) if domain == "source" else \
         (target_dataset(cfg, "train", labels=True), cfg.data.target_resize)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
+    micro = _micro_batch(cfg)
     stream = train_stream(cfg, dataset, resize, micro, cfg.seed, device)
     optimizer = _sgd(model.parameters(), cfg, cfg.source_only.lr)
 
@@ -287,7 +292,7 @@ def warmup_stage(cfg: Config, stage_dir: Path, fingerprint: str, init) -> dict:
     optimizer = _sgd(_param_groups(model, cfg.warmup.head_lr_mult), cfg, cfg.warmup.lr)
     model, disc = wrap_ddp(model, device), wrap_ddp(disc, device)
     optimizer_d = torch.optim.Adam(disc.parameters(), lr=cfg.warmup.lr_d, betas=(0.9, 0.99))
-    micro = cfg.train.batch_size // cfg.train.grad_accum
+    micro = _micro_batch(cfg)
     source = train_stream(cfg, source_dataset(cfg), cfg.data.source_resize, micro, cfg.seed, device)
     target = train_stream(cfg, target_dataset(cfg, "train", labels=False), cfg.data.target_resize, micro, cfg.seed + 1, device)
 
@@ -423,7 +428,7 @@ def cag_stage(cfg: Config, stage_dir: Path, fingerprint: str, init, anchors_path
     anchors, counts = load_anchors(anchors_path)
     anchors, counts = anchors.to(device), counts.to(device)
     optimizer = _sgd(student.parameters(), cfg, cfg.cag.lr)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
+    micro = _micro_batch(cfg)
     source = train_stream(cfg, source_dataset(cfg), cfg.data.source_resize, micro, cfg.seed, device)
     monitor = cfg.data.target_train_labels
     target = train_stream(cfg, target_dataset(cfg, "train", labels=monitor), cfg.data.target_resize, micro, cfg.seed + 1, device)

@@ -246,11 +246,11 @@ def test_split_pseudo_label_quality_max_images():
     assert int(result["probability"]["evaluated"]) == 2 * 4
 
 
-def test_mean_precision_coverage_is_pixel_weighted():
+def test_mean_precision_recall_is_pixel_weighted():
     quality = {"correct": torch.tensor([2, 1]), "assigned": torch.tensor([4, 1]), "ground_truth": torch.tensor([3, 3])}
-    assert analysis.mean_precision_coverage(quality) == (3 / 5, 3 / 6)
+    assert analysis.mean_precision_recall(quality) == (3 / 5, 3 / 6)
     empty = {"correct": torch.tensor([0]), "assigned": torch.tensor([0]), "ground_truth": torch.tensor([0])}
-    assert all(math.isnan(v) for v in analysis.mean_precision_coverage(empty))
+    assert all(math.isnan(v) for v in analysis.mean_precision_recall(empty))
 
 
 # ----------------------------------------------------------------------------- losses

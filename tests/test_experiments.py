@@ -9,6 +9,7 @@ import torch
 from cag import experiments as ex
 from cag.config import ConfigError, load_config
 from cag.labels import class_names
+from cag.pseudo_labels import pseudo_label_quality
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED_ARMS = {"source_only", "warmup", "self_training", "cag_stage1", "cag_stage2", "cag_stage3",
@@ -70,11 +71,11 @@ def test_markdown_table_prints_percent_and_dashes():
 # ----------------------------------------------------------------------------- pseudo-labels
 
 
-def test_labelled_counts_and_rates_on_a_hand_case():
+def test_pseudo_label_rows_counts_and_rates_on_a_hand_case():
     # ground truth [[0, 0], [1, ignore]]; pseudo [[0, 1], [1, 0]]: the ignored pixel is not evaluated
     labels = torch.tensor([[[0, 0], [1, 255]]])
     pseudo = torch.tensor([[[0, 1], [1, 0]]])
-    counts = ex.labelled_counts(pseudo, labels, num_classes=19)
+    counts = pseudo_label_quality(pseudo, labels, num_classes=19)
     assert counts["correct"].tolist() == [1, 1] + [0] * 17
     assert counts["assigned"].tolist() == [1, 2] + [0] * 17
     assert counts["ground_truth"].tolist() == [2, 1] + [0] * 17
@@ -90,7 +91,7 @@ def test_labelled_counts_and_rates_on_a_hand_case():
 def test_coverage_counts_wrong_labels_and_not_the_unlabelled():
     labels = torch.tensor([[[0, 0, 0, 0]]])
     pseudo = torch.tensor([[[0, 1, 255, 255]]])
-    counts = ex.labelled_counts(pseudo, labels, num_classes=19)
+    counts = pseudo_label_quality(pseudo, labels, num_classes=19)
     road, sidewalk = ex.pseudo_label_rows({"probability": counts}, 19)
     assert (road["precision"], road["recall"], road["coverage"]) == (1.0, 0.25, 0.5)
     # sidewalk is absent from the ground truth but was assigned once: precision 0, no recall
@@ -242,7 +243,8 @@ def test_pseudo_label_overall_pools_pixels_over_classes_and_seeds():
             {**base, "rule": "probability", "seed": 1, "class": "road", "correct_pixels": 0, "assigned_pixels": 9,
              "labelled_pixels": 9, "ground_truth_pixels": 10}]
     (stage1,) = ex.pseudo_label_overall(rows, "class")
-    assert stage1 == {"stage": 1, "precision": pytest.approx(4 / 5), "coverage": pytest.approx(6 / 20)}
+    assert stage1 == {"stage": 1, "precision": pytest.approx(4 / 5), "recall": pytest.approx(4 / 20),
+                      "coverage": pytest.approx(6 / 20)}
 
 
 def test_per_class_mean_std_formats_points_over_seeds_and_drops_absent_classes():

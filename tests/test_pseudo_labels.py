@@ -145,9 +145,11 @@ def test_quality_counts_and_rates_by_hand():
     assert quality["correct"].tolist() == [2, 1]
     assert quality["assigned"].tolist() == [3, 1]
     assert quality["ground_truth"].tolist() == [2, 3]
+    assert quality["labelled"].tolist() == [2, 2]  # class 1: pixel 2 right, pixel 1 wrongly labelled 0
     assert (quality["active"].item(), quality["evaluated"].item()) == (4, 5)
     assert quality["precision"].tolist() == pytest.approx([2 / 3, 1.0])
     assert quality["recall"].tolist() == pytest.approx([1.0, 1 / 3])
+    assert quality["coverage"].tolist() == pytest.approx([1.0, 2 / 3])
     assert quality["active_fraction"].item() == pytest.approx(0.8)
 
 
@@ -158,7 +160,7 @@ def test_quality_rate_of_an_unassigned_class_is_nan():
 
 def test_quality_counts_sum_over_batches():
     halves = [pseudo_label_quality(PSEUDO[..., s], TARGET[..., s], 2) for s in (slice(0, 3), slice(3, 6))]
-    summed = {k: halves[0][k] + halves[1][k] for k in ("correct", "assigned", "ground_truth", "active", "evaluated")}
+    summed = {k: halves[0][k] + halves[1][k] for k in ("correct", "assigned", "ground_truth", "labelled", "active", "evaluated")}
     whole = pseudo_label_quality(PSEUDO, TARGET, 2)
     for key, value in quality_rates(summed).items():
         torch.testing.assert_close(value, whole[key])
