@@ -68,7 +68,8 @@ def book_config(profile: str = "ci", config=None, source_root=None, target_root=
     :data:`ITERATION_KEYS`, ``batch_size`` -> ``train.batch_size``); ``overrides`` is a dict of
     dotted keys, applied last. Everything goes through :func:`cag.config.load_config`, so a
     misspelt key fails before any work starts. The ``ci`` profile runs quietly (no progress bars
-    in the committed outputs).
+    in the committed outputs). In Jupyter, an input error shows as its one-line message
+    instead of a traceback (:class:`cag.errors.UserInputError`).
     """
     if profile not in PROFILES:
         raise ConfigError(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
@@ -122,19 +123,22 @@ def row_normalised(matrix: torch.Tensor) -> torch.Tensor:
 
 def source_eval_dataset(cfg: Config):
     """The source set as the anchor computation reads it (method-spec 2, step 2): no
-    augmentation, images at ``anchors.resize`` (None: as stored), labels as train ids."""
-    from .data import transforms
-    from .loop import Augmented
-    from .stages import source_dataset
+    augmentation, images and labels (train ids) at ``anchors.resize`` (None: as stored);
+    :func:`cag.stages.anchor_dataset`."""
+    from .stages import anchor_dataset
 
-    resize = tuple(cfg.anchors.resize) if cfg.anchors.resize else None
-    return Augmented(source_dataset(cfg), transforms.eval_transform(resize=resize), cfg.seed)
+    return anchor_dataset(cfg)
 
 
 def stack_items(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [B, 3, H, W] and labels [B, H, W] of the dataset items at ``indices`` (all of one size)."""
     items = [dataset[i] for i in indices]
     return torch.stack([item["image"] for item in items]), torch.stack([item["label"] for item in items])
+
+
+def first_items(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`stack_items` of the first ``n`` items, or of all of them when the dataset has fewer."""
+    return stack_items(dataset, range(min(n, len(dataset))))
 
 
 @torch.no_grad()

@@ -26,10 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import save_checkpoint
+from .errors import UserInputError
 
 
 ANCHOR_FILE_FORMAT = "cag-anchors-v1"
 MODES = ("faithful", "global")
+
+
+class AnchorsError(UserInputError, ValueError):
+    """An anchors file is unreadable, refused, or not anchors of the expected shape."""
+
+    kind = "anchors error"
 
 
 def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
@@ -178,7 +185,8 @@ class AnchorAccumulator:
     def load(cls, path) -> "AnchorAccumulator":
         """Restores an accumulator from :func:`save_anchors` output, ready to keep accumulating.
 
-        Continuing from a file is what ``cac.py`` does (it starts from ``category_anchors``).
+        The released ``cac.py`` does not do this: at HEAD it starts from zero, as
+        :func:`cag.stages.compute_anchors` does (docs/paper-vs-code.md, row 22).
         """
         record = _read_anchor_file(path)
         anchors, counts, meta = record["anchors"], record["counts"], record["meta"]
@@ -211,15 +219,34 @@ def load_anchors(path) -> tuple[torch.Tensor, torch.Tensor]:
     return record["anchors"], record["counts"]
 
 
+def read_anchors_file(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors [C, D], counts [C]) from either kind of anchors file: this project's
+    (:func:`save_anchors`, e.g. ``runs/<name>/anchors/anchors.pt``) or the authors' shipped
+    ``category_anchors`` (:func:`load_cag_uda_anchors`); ``anchors.file`` accepts both.
+    """
+    try:
+        with open(path, "rb") as f:
+            zip_file = f.read(4) == b"PK\x03\x04"
+    except OSError as err:
+        raise AnchorsError(f"{path}: cannot read the anchors file ({err.strerror or err})") from None
+    if zip_file:
+        try:
+            return load_anchors(path)
+        except AnchorsError as ours:
+            if "format=" not in str(ours):
+                raise
+    return load_cag_uda_anchors(path)
+
+
 def _read_anchor_file(path) -> dict:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:
-        raise ValueError(f"{path}: not a readable anchor file ({error.__class__.__name__}: {error})") from None
+        raise AnchorsError(f"{path}: not a readable anchor file ({error.__class__.__name__}: {error})") from None
     if not isinstance(record, dict) or record.get("format") != ANCHOR_FILE_FORMAT:
-        raise ValueError(f"{path}: expected a dict with format={ANCHOR_FILE_FORMAT!r} written by save_anchors; "
+        raise AnchorsError(f"{path}: expected a dict with format={ANCHOR_FILE_FORMAT!r} written by save_anchors; "
                          f"for the authors' legacy file use load_cag_uda_anchors")
     anchors, counts = _checked_anchor_tensors(record.get("anchors"), record.get("counts"), source=str(path))
     return {"anchors": anchors, "counts": counts, "meta": dict(record.get("meta") or {})}
@@ -229,9 +256,9 @@ def _checked_anchor_tensors(anchors, counts, source: str) -> tuple[torch.Tensor,
     anchors = torch.as_tensor(anchors) if isinstance(anchors, np.ndarray) else anchors
     counts = torch.as_tensor(counts) if isinstance(counts, np.ndarray) else counts
     if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or not anchors.is_floating_point():
-        raise ValueError(f"{source}: anchors must be a float tensor [C, D]; got {_describe(anchors)}")
+        raise AnchorsError(f"{source}: anchors must be a float tensor [C, D]; got {_describe(anchors)}")
     if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (anchors.shape[0],):
-        raise ValueError(f"{source}: counts must be a tensor [C] = [{anchors.shape[0]}]; got {_describe(counts)}")
+        raise AnchorsError(f"{source}: counts must be a tensor [C] = [{anchors.shape[0]}]; got {_describe(counts)}")
     return anchors.float(), counts.float()
 
 
@@ -276,14 +303,14 @@ def load_cag_uda_anchors(path) -> tuple[torch.Tensor, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as error:
-        raise ValueError(f"{path}: refused to load as a CAG-UDA category_anchors file "
+        raise AnchorsError(f"{path}: refused to load as a CAG-UDA category_anchors file "
                          f"({_load_failure_reason(error)})") from None
     if not isinstance(record, dict) or not {"objective_vectors", "objective_num"} <= record.keys():
-        raise ValueError(f"{path}: expected a dict with keys 'objective_vectors' [C, D] and 'objective_num' [C] "
+        raise AnchorsError(f"{path}: expected a dict with keys 'objective_vectors' [C, D] and 'objective_num' [C] "
                          f"(train.py's format); got {_describe(record)}"
                          + (f" with keys {sorted(record)}" if isinstance(record, dict) else ""))
     vectors, counts = record["objective_vectors"], record["objective_num"]
     for key, value in (("objective_vectors", vectors), ("objective_num", counts)):
         if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
-            raise ValueError(f"{path}: '{key}' must be a float numpy array; got {_describe(value)}")
+            raise AnchorsError(f"{path}: '{key}' must be a float numpy array; got {_describe(value)}")
     return _checked_anchor_tensors(vectors, counts, source=str(path))

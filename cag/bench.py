@@ -61,7 +61,8 @@ class Mode:
     ``amp``/``channels_last``/``fuse_forward`` are the package's own config keys (``train.amp``,
     ``train.channels_last``, ``cag.fuse_forward``); ``compile`` (the student's ``torch.compile``
     mode), ``teacher_compile``, ``teacher_bf16``, ``fused_sgd`` and ``one_sync`` are bench-only
-    experiments.
+    experiments. ``fp32`` is what ``train.precision=released`` runs, ``bf16_cl_compile`` what
+    ``train.precision=fast`` runs.
     """
 
     name: str
@@ -344,13 +345,19 @@ def base_config(name: str, overrides=(), params: dict | None = None) -> Config:
 
 
 def step_config(profile: Profile, arch: str, mode: Mode, device: torch.device, **params) -> Config:
-    """The profile's configuration with the mode's package-level keys and ``arch``."""
-    model = {"model.arch": arch}
+    """The profile's configuration with the mode's package-level keys and ``arch``.
+
+    Speed does not depend on the weights, so the network starts from random ones
+    (``model.from_scratch``); ``train.precision=custom`` takes the mode's amp, TF32 and layout
+    (the mode compiles the model itself, so ``train.compile`` stays off).
+    """
+    model = {"model.arch": arch, "model.from_scratch": True}
     if arch == "deeplabv2":
         model["model.output_stride"] = 8
     return base_config(profile.train_config, profile.train_overrides, {
-        **model, "device": device.type, "train.amp": mode.amp, "train.channels_last": mode.channels_last,
-        "cag.fuse_forward": mode.fuse_forward, "data.num_workers": 0, "quiet": True, **params})
+        **model, "device": device.type, "train.precision": "custom", "train.amp": mode.amp, "train.tf32": mode.tf32,
+        "train.channels_last": mode.channels_last, "cag.fuse_forward": mode.fuse_forward, "data.num_workers": 0,
+        "quiet": True, **params})
 
 
 def compile_module(module: torch.nn.Module, mode: Mode, backend: str) -> torch.nn.Module:
@@ -980,8 +987,21 @@ def defaults(args, device: torch.device) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Plan, run, print the table, write the JSON; exit code 1 when a measurement failed."""
+    """Plan, run, print the table, write the JSON; exit code 1 when a measurement failed, 2 when
+    an input (``--out``, ``--work-dir``) is unusable (:mod:`cag.errors`)."""
+    from .errors import cli_main
+
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
+    from .errors import writable_folder
+
     args = parser().parse_args(argv)
+    if args.out:
+        writable_folder(Path(args.out).parent, "--out: the results folder")
+    if args.work_dir:
+        writable_folder(args.work_dir, "--work-dir")
     device = resolve(args.device)
     args = defaults(args, device)
     profile = PROFILES[args.profile]

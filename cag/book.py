@@ -76,10 +76,13 @@ def execute(path, out=None, parameters: dict | None = None, cwd=None, log_output
     """Executes one notebook with papermill and writes it, cleaned, to ``out`` (default: in place).
 
     The run goes to a temporary file first; a failing notebook is kept as ``<out>.failed.ipynb``
-    for inspection and the error is raised, so a committed chapter is never overwritten by a
-    broken run.
+    for inspection, so a committed chapter is never overwritten by a broken run. A cell that
+    fails raises a :class:`cag.errors.UserInputError` naming the chapter and cell when its error
+    is one of the input errors of :mod:`cag.errors`, and :class:`ChapterFailed` with the kernel's
+    traceback otherwise.
     """
     import papermill
+    from papermill.exceptions import PapermillExecutionError
 
     path = Path(path)
     out = Path(out) if out is not None else path
@@ -89,9 +92,11 @@ def execute(path, out=None, parameters: dict | None = None, cwd=None, log_output
         papermill.execute_notebook(str(path), str(scratch), parameters=parameters or {}, cwd=str(cwd or path.parent),
                                    kernel_name="python3", progress_bar=False, log_output=log_output,
                                    request_save_on_cell_execute=False)
-    except BaseException:
+    except BaseException as err:
         if scratch.exists():
             scratch.replace(out.with_name(f"{out.stem}.failed.ipynb"))
+        if isinstance(err, PapermillExecutionError):
+            raise _chapter_failure(path, err) from None
         raise
     nb = clean_notebook(nbformat.read(scratch, as_version=4))
     nbformat.write(nb, out)
@@ -198,7 +203,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class ChapterFailed(Exception):
+    """A chapter stopped at a cell; carries papermill's error (name, value, cell)."""
+
+
+def _chapter_failure(path, err) -> BaseException:
+    """A one-line report of papermill's error in chapter ``path``: a user error in the chapter
+    (its name is one of :mod:`cag.errors`' kinds) becomes a :class:`UserInputError`; anything
+    else keeps the kernel's traceback, since it is a bug."""
+    from .errors import UserInputError
+
+    where = f"chapter {Path(path).name} failed at cell [{err.exec_count}]"
+    if err.ename in _user_error_names():
+        failed = UserInputError(f"{where}: {err.ename}: {err.evalue}")
+        failed.kind = "chapter error"
+        return failed
+    return ChapterFailed(f"{where}: {err.ename}: {err.evalue}\n{''.join(err.traceback)}")
+
+
+def _user_error_names() -> set[str]:
+    from .errors import UserInputError
+
+    names, todo = set(), [UserInputError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
 def main(argv=None) -> int:
+    """``python -m cag.book ...``; a chapter that fails on an input error ends in one line naming
+    the chapter, its cell and the error, with exit status 2 (:mod:`cag.errors`)."""
+    from .errors import cli_main
+
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
     from .analysis import repo_root
 
     parser = _parser()

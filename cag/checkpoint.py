@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import OutputError, UserInputError
+
 try:
     from numpy._core.multiarray import _reconstruct, scalar
 except ImportError:  # numpy < 2
@@ -33,8 +35,10 @@ RELEASED_NET_KEY = "DeepLab"
 SHOWN_KEYS = 5
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError, ValueError):
     """A checkpoint file is refused, unreadable, or does not match the network."""
+
+    kind = "checkpoint error"
 
 
 def _numeric_dtype_classes() -> list[type]:
@@ -102,7 +106,7 @@ def save_checkpoint(path, obj) -> None:
 
 def _write_error(path: Path, err: OSError) -> OSError:
     message = f"cannot write {path}: {err.strerror or err}; the previous {path.name}, if any, is unchanged"
-    return OSError(err.errno, message) if err.errno is not None else OSError(message)
+    return OutputError(err.errno, message) if err.errno is not None else OutputError(message)
 
 
 def _refusal_reason(message: str) -> str:

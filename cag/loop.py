@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data.datasets import sample_seed
+from .data.datasets import collate, sample_seed
+from .errors import TrainingStopped
 
 
 class Augmented(Dataset):
@@ -90,7 +91,7 @@ class Stream:
         self.sampler = ResumableBatchSampler(len(dataset), batch_size, seed, rank=dist.rank(), world=dist.world_size())
         self.loader = DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+            persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed), collate_fn=collate,
         )
         self.consumed = 0
         self._it = None
@@ -123,7 +124,7 @@ def poly_lr(base_lr: float, iteration: int, horizon: int, power: float = 0.9) ->
     return base_lr * max(0.0, 1.0 - iteration / horizon) ** power
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(TrainingStopped, RuntimeError):
     """A loss or gradient became NaN or infinite."""
 
 

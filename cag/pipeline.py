@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import warnings
 import time
 from pathlib import Path
 
 from . import distributed as dist
 from . import stages
-from .config import Config, ConfigError
+from .checkpoint import CheckpointError
+from .config import Config
+from .errors import UserInputError, writable_folder
+
+
+class StageOrderError(UserInputError, RuntimeError):
+    """A stage was asked for before the stages it reads."""
 
 TRAINING_STAGES = ("source_only", "warmup")
 
@@ -85,8 +89,15 @@ class Pipeline:
         return record if record.get("fingerprint") == self.fp[stage] else None
 
     def _prepare(self, stage: str) -> Path:
-        """Move aside a directory written for another fingerprint; return the stage directory."""
+        """Move aside a directory written for another fingerprint; return the stage directory.
+
+        A stale directory without any checkpoint (a start that failed on bad input before its
+        first ``last.pt``) holds nothing worth keeping and is replaced instead, so that a
+        corrected rerun leaves no ``.stale-`` folder behind.
+        """
         path = self.stage_dir(stage)
+        if dist.is_main() and path.exists() and self._stale(stage) and not any(p.suffix in (".pt", ".json") for p in path.iterdir()):
+            shutil.rmtree(path)  # a start that failed before its first checkpoint: nothing to keep
         if dist.is_main() and path.exists() and self._stale(stage):
             aside = path.with_name(f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(path), str(aside))
@@ -129,7 +140,7 @@ class Pipeline:
             return record
         missing = [s for s in self._inputs(stage) if self.done(s) is None]
         if missing:
-            raise RuntimeError(f"stage {stage!r} needs {', '.join(missing)} first: run `python -m cag run CONFIG` "
+            raise StageOrderError(f"stage {stage!r} needs {', '.join(missing)} first: run `python -m cag run CONFIG` "
                                f"or `python -m cag {missing[0]} CONFIG` with the same settings")
         path = self._prepare(stage)
         if dist.is_main():
@@ -149,10 +160,13 @@ class Pipeline:
     def _execute(self, stage: str, path: Path) -> dict:
         cfg, fp = self.cfg, self.fp[stage]
         if stage == "source_only":
+            if cfg.source_only.iters == 0:  # nothing to train: the warm-up starts from model.init
+                return {"skipped": "source_only.iters is 0",
+                        "model": None if cfg.model.init is None else str(cfg.model.init)}
             return stages.supervised_stage(cfg, path, fp)
         if stage == "warmup":
             init = self.selected("source_only") if cfg.source_only.iters > 0 else cfg.model.init
-            if cfg.warmup.iters == 0:
+            if cfg.warmup.iters == 0:  # config validation makes sure init is a checkpoint here
                 return {"skipped": "warmup.iters is 0", "model": str(init)}
             return stages.warmup_stage(cfg, path, fp, init)
         if stage == "anchors":
@@ -173,21 +187,28 @@ class Pipeline:
         return self.evaluate_all(path)
 
     def model_of(self, stage: str) -> Path:
-        """The model a stage hands on (a skipped warm-up hands on source-only's)."""
+        """The model a stage hands on (a skipped warm-up hands on source-only's, or ``model.init``).
+
+        With ``model.init=X source_only.iters=0 warmup.iters=0`` both stages train nothing and
+        ``model_of("warmup")`` is X: the anchors are computed with X, and CAG stage 1's student and
+        frozen pseudo-labeller both start from X (e.g. the authors' warm-up checkpoint).
+        """
         record = self.done(stage) or {}
         if record.get("skipped"):
             return Path(record["model"])
         return self.selected(stage)
 
     def evaluate_all(self, path: Path) -> dict:
-        """Score every stage's last and best-on-val checkpoints; write the run's ``summary.json``."""
+        """Score every stage's checkpoints named in ``eval.checkpoints`` (last and best-on-val by
+        default); write the run's ``summary.json``. The headline is the final stage's ``last``
+        checkpoint, or its ``best_val`` one when only that is scored."""
         cfg = self.cfg
         splits = [cfg.data.val_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
         results = []
         for stage in [s for s in stage_names(cfg) if s not in ("anchors", "evaluate")]:
             if (self.done(stage) or {}).get("skipped"):
                 continue
-            for kind in ("last", "best_val"):
+            for kind in cfg.eval.checkpoints:
                 ckpt = self.stage_dir(stage) / f"{kind}.pt"
                 if not ckpt.exists():
                     continue
@@ -196,7 +217,8 @@ class Pipeline:
                     results.append({"stage": stage, "checkpoint": kind, **r})
         final = f"stage{cfg.cag.stages}" if cfg.cag.stages > 0 else "warmup"
         headline_split = splits[-1]
-        headline = next((r for r in results if r["stage"] == final and r["checkpoint"] == "last"
+        headline_kind = "last" if "last" in cfg.eval.checkpoints else cfg.eval.checkpoints[0]
+        headline = next((r for r in results if r["stage"] == final and r["checkpoint"] == headline_kind
                          and r["split"] == headline_split), None)
         summaries = [json.loads((self.stage_dir(s) / "summary.json").read_text())
                      for s in stage_names(cfg) if (self.stage_dir(s) / "summary.json").exists()]
@@ -204,7 +226,7 @@ class Pipeline:
         summary = {
             "miou": headline["miou"] if headline else None,
             "per_class_iou": headline["per_class_iou"] if headline else None,
-            "headline": {"stage": final, "checkpoint": "last", "split": headline_split},
+            "headline": {"stage": final, "checkpoint": headline_kind, "split": headline_split},
             "results": results,
             "config": cfg.to_dict(), "commit": stages.git_commit(), "seed": cfg.seed,
             **stages.environment(device),
@@ -223,9 +245,7 @@ class Pipeline:
         names = stage_names(self.cfg)
         if until is not None and until not in names:
             raise ValueError(f"unknown stage {until!r}; stages are {', '.join(names)}")
-        self.check_writable()
-        self.prepare_data()
-        self.check_data()
+        self.check_before_work()
         record = {}
         for stage in names:
             record = self.run_stage(stage)
@@ -234,29 +254,68 @@ class Pipeline:
         return record
 
     def check_writable(self) -> None:
-        """Fail before any work when the run directory cannot be created or written (issue 9, item 6)."""
-        probe = self.run_dir / f".write-test-{os.getpid()}"
+        """Fail before any work when the run directory cannot be created or written."""
+        writable_folder(self.run_dir, "out_dir: the run directory")
+
+    def check_before_work(self) -> None:
+        """Every check that can fail on the user's input, before the first stage trains.
+
+        The run directory is writable; the built-in benchmark is generated if configured; every
+        dataset the schedule reads opens (layout and pairing); ``model.init``,
+        ``model.pretrained_backbone`` and ``anchors.file`` hold what they should. An error found
+        here is the same on every rank, so under torchrun rank 0 alone reports it.
+        """
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise ConfigError(f"out_dir: cannot write the run directory {self.run_dir} "
-                              f"({err.strerror or err})") from None
+            stages.check_initialisation(self.cfg, self.cfg.model.init)
+            self.check_writable()
+            self.prepare_data()
+            self.check_data()
+            self.check_inputs()
+        except UserInputError as err:
+            err.same_on_every_rank = True
+            raise
+
+    def check_inputs(self) -> None:
+        """Load the files the configuration names and check them against the network.
+
+        A checkpoint of another network, a truncated file, an anchors file of the wrong kind or
+        shape fail here in seconds (CheckpointError / AnchorsError naming the key and file),
+        rather than after hours of the stages before the one that reads them.
+        """
+        cfg = self.cfg
+        stages.check_initialisation(cfg, cfg.model.init)
+        if cfg.model.init is None and cfg.model.pretrained_backbone is None and cfg.anchors.file is None:
+            return
+        import torch
+
+        try:
+            model = stages.make_model(cfg, torch.device("cpu"), cfg.model.init)
+        except CheckpointError as err:
+            init = cfg.model.init is not None and str(cfg.model.init) in str(err)
+            raise CheckpointError(f"{'model.init' if init else 'model.pretrained_backbone'}: {err}") from None
+        if cfg.anchors.file is not None:
+            from .anchors import AnchorsError, read_anchors_file
+
+            try:
+                anchors, _ = read_anchors_file(cfg.anchors.file)
+            except AnchorsError as err:
+                raise AnchorsError(f"anchors.file: {err}") from None
+            expected = [cfg.data.num_classes, model.feature_dim]
+            if list(anchors.shape) != expected:
+                raise AnchorsError(f"anchors.file: {cfg.anchors.file} holds anchors of shape {list(anchors.shape)}; "
+                                   f"this network needs [classes, feature channels] = {expected}")
 
     def check_data(self) -> None:
         """Open every dataset the schedule reads, so that a wrong root, layout or split fails
-        before the first stage trains rather than hours later (layout and pairing checks only)."""
-        from .data import MissingFilesWarning
-
+        before the first stage trains rather than hours later (layout and pairing checks only).
+        Entries missing their image or label are named here, once per dataset and run
+        (``MissingFilesWarning``); the stages that open the same datasets again stay silent."""
         cfg = self.cfg
         splits = [cfg.data.val_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MissingFilesWarning)
-            stages.source_dataset(cfg)
-            stages.target_dataset(cfg, "train", labels=cfg.data.target_train_labels)
-            for split in splits:
-                stages.target_dataset(cfg, split, labels=True)
+        stages.source_dataset(cfg)
+        stages.target_dataset(cfg, "train", labels=cfg.data.target_train_labels)
+        for split in splits:
+            stages.target_dataset(cfg, split, labels=True)
 
     def prepare_data(self) -> None:
         """Generate the built-in benchmark when ``data.synthetic.root`` is set (skipped if present)."""

@@ -6,7 +6,8 @@
 
 Prints every problem found (layout, counts against the release, image/label pairing, sizes,
 label values, unreadable files), then a summary. Exit code 0 when the copy is usable
-(warnings allowed), 1 otherwise. The checks are ``cag.data.datasets.check_dataset``.
+(warnings allowed), 1 otherwise, 2 when the command itself cannot run (e.g. an unreadable list
+file; one line, no traceback). The checks are ``cag.data.datasets.check_dataset``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cag.data.datasets import DATASETS, check_dataset  # noqa: E402
+from cag.errors import cli_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +38,10 @@ def _progress(done: int, total: int) -> None:
 
 
 def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     report = check_dataset(args.kind, args.root, list_file=args.list_file, split=args.split,
                            labels=not args.no_labels, max_files=args.max_files, progress=_progress)

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cag.data.datasets import DATASETS, open_dataset  # noqa: E402
-from cag.data.io import DataError  # noqa: E402
+from cag.errors import OutputError, cli_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,15 +30,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Exit status 0, or 2 with one line naming the folder or file (``cag.errors``)."""
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
-    try:
-        dataset = open_dataset(args.kind, args.root, split=args.split, labels=not args.no_labels)
-    except DataError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 1
+    dataset = open_dataset(args.kind, args.root, split=args.split, labels=not args.no_labels)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(f"{name}\n" for name in dataset.names))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(f"{name}\n" for name in dataset.names))
+    except OSError as err:
+        raise OutputError(f"cannot write the list file {out} ({err.strerror or err})") from None
     print(f"wrote {len(dataset)} entries to {out}")
     return 0
 

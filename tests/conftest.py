@@ -1,4 +1,6 @@
-"""Shared pytest configuration."""
+"""Shared pytest configuration and fixtures."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory) -> Path:
+    """A tiny built-in benchmark (32x64 frames: 8 source, 8 target train, 2 target val), shared
+    read-only by the tests that run the pipeline for a few iterations."""
+    from cag.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("bench")
+    generate(root, preset="class", size=(32, 64), n_source=8, n_target_train=8, n_target_val=2,
+             n_target_test=0, progress=False)
+    return root

@@ -34,20 +34,12 @@ from cag import cli
 from cag.checkpoint import CheckpointError, load_checkpoint
 from cag.config import ConfigError, load_config
 from cag.data import DataError
-from cag.data.synthetic import generate
+from cag.errors import OutputError
 from cag.loop import MetricsLog, NonFiniteLoss
 from cag.losses import segmentation_ce
 from cag.pipeline import Pipeline
 
 ITERS = 8  # source-only iterations; checkpoints at 3 and 6 and 8, logs every 2, validation at 4 and 8
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
-    generate(root, preset="class", size=(32, 64), n_source=8, n_target_train=8, n_target_val=2,
-             n_target_test=0, progress=False)
-    return root
 
 
 def tiny_params(bench: Path, out: Path) -> dict:
@@ -121,8 +113,8 @@ def faulty_ce(at: set[int], fault: str):
     """``segmentation_ce`` that misbehaves on the calls numbered in ``at`` (one call per iteration)."""
     calls = itertools.count()
 
-    def ce(logits, labels):
-        loss = segmentation_ce(logits, labels)
+    def ce(logits, labels, **kwargs):
+        loss = segmentation_ce(logits, labels, **kwargs)
         if next(calls) not in at:
             return loss
         if fault == "crash":
@@ -190,10 +182,11 @@ def test_unwritable_out_dir_fails_before_any_work(bench, tmp_path, capsys):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the runs folder should be")
     params = {**tiny_params(bench, blocker / "runs"), "data.synthetic.root": str(tmp_path / "generated")}
-    with pytest.raises(ConfigError, match=rf"out_dir: cannot write the run directory {blocker / 'runs' / 'tiny'}"):
+    with pytest.raises(OutputError, match=rf"out_dir: the run directory: cannot write {blocker / 'runs' / 'tiny'} "
+                                          rf"\({blocker} is a file, not a folder\)"):
         Pipeline(load_config(params=params)).run()
     assert cli.main(["source_only", str(write_yaml(tmp_path / "tiny.yaml", params))]) == 2
-    assert "configuration error: out_dir: cannot write the run directory" in capsys.readouterr().err
+    assert "output error: out_dir: the run directory: cannot write" in capsys.readouterr().err
     assert not (tmp_path / "generated").exists()
     assert blocker.read_text() == "a file where the runs folder should be"
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from cag.data import io
 from cag.data import synthetic as syn
+from cag.errors import OutputError
 from cag.labels import cityscapes_lut, colorize, label_id_palette
 
 SMALL = (32, 64)
@@ -299,7 +300,7 @@ def test_an_interrupted_generation_is_redone(tmp_path):
 
 def test_unclaimed_folders_are_not_overwritten(tmp_path):
     (tmp_path / "target").mkdir()
-    with pytest.raises(FileExistsError, match="no benchmark.json"):
+    with pytest.raises(OutputError, match="no benchmark.json"):
         small_benchmark(tmp_path)
 
 
@@ -362,3 +363,20 @@ def test_show_domains_draws_images_and_coloured_labels():
     assert np.array_equal(row[1], colorize(source[1]["label"]))
     assert np.array_equal(row[2], np.rint(target[1]["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
     assert np.array_equal(row[3], colorize(target[1]["label"]))
+
+
+def test_source_frames_of_other_sizes(tmp_path):
+    """``source_sizes``: some source frames at another size, as GTA5's 1914x1046 among 1914x1052
+    (issue 14); recorded in the manifest, so an unchanged call does no work."""
+    manifest = small_benchmark(tmp_path, synthia=True, source_sizes={1: (30, 64)})
+    assert manifest["parameters"]["source_sizes"] == {"1": [30, 64]}
+    for i, size in ((0, SMALL), (1, (30, 64)), (2, SMALL)):
+        image, label = syn.source_paths(tmp_path, i)
+        assert io.read_image(image).shape[:2] == size and io.read_index_label(label).shape == size
+        rgb, gt = syn.synthia_paths(tmp_path, i)
+        assert io.read_image(rgb).shape[:2] == size and io.read_synthia_label(gt).shape == size
+    assert io.read_image(syn.target_paths(tmp_path, "val", 0)[0]).shape[:2] == SMALL
+    assert syn.is_current(tmp_path, manifest["parameters"])
+    assert "source_sizes" not in small_benchmark(tmp_path / "plain")["parameters"]
+    with pytest.raises(ValueError, match=r"source_sizes: indices \[3\] are not source samples"):
+        small_benchmark(tmp_path / "bad", source_sizes={3: (30, 64)})

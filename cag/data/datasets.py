@@ -38,7 +38,9 @@ from .io import DataError, read_image, read_index_label, read_synthia_label
 
 ERROR = "error"
 WARNING = "warning"
-_SHOWN = 5
+#: Dropped entries named in the warning; the datasets already warned about in this process.
+_NAMED = 20
+_WARNED: set = set()
 
 
 class MissingFilesWarning(UserWarning):
@@ -243,10 +245,20 @@ class SegmentationDataset(Dataset):
         return samples, incomplete
 
     def _warn_incomplete(self, total: int) -> None:
+        """One ``MissingFilesWarning`` per dataset and process, naming the dropped entries.
+
+        GTA5 itself has frames without labels; every stage of a run opens the same datasets,
+        so the warning is given the first time only (once per run, not once per stage).
+        """
         if not self.incomplete:
             return
-        shown = "; ".join(f"{name} ({why})" for name, why in self.incomplete[:_SHOWN])
-        more = "; ..." if len(self.incomplete) > _SHOWN else ""
+        key = (type(self).__name__, str(self.root.resolve()), str(self.list_file), getattr(self, "split", None))
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+        shown = "; ".join(f"{name} ({why})" for name, why in self.incomplete[:_NAMED])
+        more = (f"; and {len(self.incomplete) - _NAMED} more (data_scripts/check_dataset.py lists them all)"
+                if len(self.incomplete) > _NAMED else "")
         warnings.warn(
             f"{self.release} at {self.root}: dropped {len(self.incomplete)} of {total} entries whose "
             f"image or label file is missing: {shown}{more}",
@@ -322,6 +334,25 @@ class SegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, samples={len(self)}, num_classes={self.num_classes})"
+
+
+def collate(items: list[dict]) -> dict:
+    """``default_collate`` for dataset items, refusing samples of different sizes by name.
+
+    Without a resize, frames of another size than the rest (GTA5 has 1914x1046 frames among
+    its 1914x1052 ones) cannot share a batch; PyTorch would stop with "stack expects each
+    tensor to be equal size". This names the samples and their sizes instead.
+    """
+    from torch.utils.data import default_collate
+
+    for key in ("image", "label"):
+        shapes = [tuple(item[key].shape) for item in items if key in item]
+        if len(set(shapes)) > 1:
+            sizes = ", ".join(f"{item.get('name', '?')} {'x'.join(map(str, item[key].shape[-2:][::-1]))}"
+                              for item in items)
+            raise DataError(f"cannot batch {key}s of different sizes (W x H): {sizes}; set the "
+                            "configuration's resize for this dataset or a batch size of 1")
+    return default_collate(items)
 
 
 def read_list_file(path, suffix: str = ".png") -> list[str]:

@@ -14,11 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserInputError
 from ..labels import label_id_palette
 
 
-class DataError(ValueError):
+class DataError(UserInputError, ValueError):
     """A dataset file is missing, unreadable or not in the expected format."""
+
+    kind = "data error"
 
 
 def read_image(path) -> np.ndarray:
