@@ -23,7 +23,7 @@ echo "== 1. CUDA tests" | tee "$stem-tests.txt"
 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs tests/ 2>&1 | tee -a "$stem-tests.txt"
 
 echo "== 2. the benchmark pipeline on CUDA"
-"$PYTHON" -m cag run configs/synthetic.yaml device=cuda train.amp=bf16 train.channels_last=true \
+"$PYTHON" -m cag run configs/synthetic.yaml device=cuda train.precision=fast \
     out_dir=runs/gpu quiet=true
 cp runs/gpu/synthetic/summary.json "$stem-pipeline-summary.json"
 

@@ -35,20 +35,50 @@ class FCDiscriminator(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         return self.net(probs)
 
+    def patch_count(self, shape) -> int:
+        """The number of patch logits ``forward`` returns for an input of ``shape`` [B, C, H, W],
+        from the convolutions' arithmetic, without running them: what the domain losses average over."""
+        batch, _, height, width = shape
+        for layer in self.net:
+            if isinstance(layer, nn.Conv2d):
+                height, width = (
+                    (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+                    for size, pad, dil, k, stride in zip((height, width), layer.padding, layer.dilation,
+                                                         layer.kernel_size, layer.stride))
+        return batch * layer.out_channels * height * width
 
-def _domain_loss(logits: torch.Tensor, label: float, gan: str) -> torch.Tensor:
+
+def _domain_loss(logits: torch.Tensor, label: float, gan: str, denominator=None) -> torch.Tensor:
     target = torch.full_like(logits, label)
     if gan == "lsgan":
-        return F.mse_loss(logits, target)
-    return F.binary_cross_entropy_with_logits(logits, target)
+        loss = F.mse_loss(logits, target)
+    else:
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+    if denominator is None:
+        return loss
+    # mean x (patches / denominator): the patch sum over the denominator, and exactly the mean
+    # when the denominator is this call's own patch count
+    return loss * (torch.tensor(float(logits.numel()), device=loss.device, dtype=loss.dtype)
+                   / torch.as_tensor(denominator, device=loss.device).to(loss.dtype))
 
 
-def generator_adversarial_loss(disc: nn.Module, target_probs: torch.Tensor, gan: str = "bce") -> torch.Tensor:
-    """The segmentation network's term: make target outputs look like source outputs to D."""
-    return _domain_loss(disc(target_probs), SOURCE_LABEL, gan)
+def generator_adversarial_loss(disc: nn.Module, target_probs: torch.Tensor, gan: str = "bce",
+                               denominator=None) -> torch.Tensor:
+    """The segmentation network's term: make target outputs look like source outputs to D.
+
+    A mean over D's patch logits; with ``denominator``, their sum divided by it instead (global
+    normalisation, :func:`cag.distributed.global_denominators`).
+    """
+    return _domain_loss(disc(target_probs), SOURCE_LABEL, gan, denominator)
 
 
-def discriminator_loss(disc: nn.Module, source_probs: torch.Tensor, target_probs: torch.Tensor, gan: str = "bce") -> torch.Tensor:
-    """D's term: source outputs labelled 0, target outputs 1 (gradients stop at the network)."""
-    return 0.5 * (_domain_loss(disc(source_probs.detach()), SOURCE_LABEL, gan)
-                  + _domain_loss(disc(target_probs.detach()), TARGET_LABEL, gan))
+def discriminator_loss(disc: nn.Module, source_probs: torch.Tensor, target_probs: torch.Tensor, gan: str = "bce",
+                       denominators: tuple | None = None) -> torch.Tensor:
+    """D's term: source outputs labelled 0, target outputs 1 (gradients stop at the network).
+
+    Half the source mean plus half the target mean over patches; ``denominators`` (source,
+    target) replace the two patch counts.
+    """
+    den_s, den_t = denominators if denominators is not None else (None, None)
+    return 0.5 * (_domain_loss(disc(source_probs.detach()), SOURCE_LABEL, gan, den_s)
+                  + _domain_loss(disc(target_probs.detach()), TARGET_LABEL, gan, den_t))

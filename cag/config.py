@@ -18,9 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError, ValueError):
     """A configuration key is unknown, has the wrong type or an impossible value."""
+
+    kind = "configuration error"
+    same_on_every_rank = True
 
 
 @dataclass
@@ -69,7 +74,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network (method-spec section 1); ``init`` optionally names a checkpoint to start from."""
+    """The network (method-spec section 1) and what its weights start from.
+
+    A ResNet backbone starts from ``pretrained_backbone`` (torchvision's ImageNet weights, as the
+    released code always does), or the whole network from ``init`` (a project or released
+    checkpoint); a run refuses to start with neither (:func:`cag.stages.check_initialisation`) unless
+    ``from_scratch`` asks for random weights on purpose. The ``tiny`` backbone of the built-in
+    benchmark has no ImageNet weights and always starts from scratch.
+    """
 
     arch: str = "deeplabv3plus"
     backbone: str = "resnet101"
@@ -78,6 +90,7 @@ class ModelConfig:
     aspp_rates: typing.Optional[list[int]] = None
     pretrained_backbone: typing.Optional[str] = None
     init: typing.Optional[str] = None
+    from_scratch: bool = False
 
 
 @dataclass
@@ -93,9 +106,15 @@ class TrainConfig:
     log_interval: int = 50
     checkpoint_interval: int = 1000
     grad_accum: int = 1
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
+    #: The numerics of every stage, one switch (:data:`PRECISIONS`): ``released`` is float32 with
+    #: TF32 off, NCHW and eager, as the released code ran; ``fast`` turns on bf16 autocast, TF32,
+    #: channels-last and torch.compile together; ``custom`` lets the four keys below decide.
+    precision: str = "released"
+    #: Filled in from ``precision`` (``python -m cag config`` shows them); set only with ``custom``.
+    amp: typing.Optional[str] = None
+    tf32: typing.Optional[bool] = None
+    channels_last: typing.Optional[bool] = None
+    compile: typing.Optional[bool] = None
     select: str = "best_val"
     nan_policy: str = "stop"
     max_nan_skips: int = 10
@@ -158,12 +177,18 @@ class CAGConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (method-spec section 6): full resolution, single scale by default."""
+    """Evaluation protocol (method-spec section 6): full resolution, single scale by default.
+
+    ``checkpoints`` names the checkpoints of each training stage that the ``evaluate`` stage
+    scores: ``last`` and/or ``best_val`` (both by default; the headline is ``last`` when it is
+    scored, else ``best_val``).
+    """
 
     batch_size: int = 1
     flip: bool = False
     scales: list[float] = field(default_factory=lambda: [1.0])
     resize: typing.Optional[list[int]] = None
+    checkpoints: list[str] = field(default_factory=lambda: ["last", "best_val"])
 
 
 @dataclass
@@ -197,6 +222,9 @@ class Config:
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+
+#: The checkpoints of a training stage that ``eval.checkpoints`` can name.
+CHECKPOINT_KINDS = ("last", "best_val")
 
 CHOICES = {
     "data.source": ("gta5", "synthia"),
@@ -289,8 +317,44 @@ def _get(cfg, dotted: str):
     return obj
 
 
+#: What each ``train.precision`` turns on; ``custom`` starts from ``released`` and takes the keys set.
+PRECISIONS = {
+    "released": {"amp": "none", "tf32": False, "channels_last": False, "compile": False},
+    "fast": {"amp": "bf16", "tf32": True, "channels_last": True, "compile": True},
+}
+_PRECISION_WORDS = {"released": "float32, TF32 off, NCHW, no torch.compile",
+                    "fast": "bf16 autocast, TF32 on, channels-last, torch.compile"}
+
+
+def resolve_precision(cfg: Config) -> None:
+    """Fill in ``train.amp``/``tf32``/``channels_last``/``compile`` from ``train.precision``.
+
+    ``released`` and ``fast`` fix all four; a key set to another value than the preset's is
+    refused (it would make the name lie). ``custom`` takes the keys that are set and the
+    ``released`` value for the others.
+    """
+    train = cfg.train
+    if train.precision not in (*PRECISIONS, "custom"):
+        raise ConfigError(f"train.precision: {train.precision!r} is not one of released ({_PRECISION_WORDS['released']}), "
+                          f"fast ({_PRECISION_WORDS['fast']}), custom (train.amp, train.tf32, train.channels_last, "
+                          "train.compile one by one)")
+    if train.amp is not None and train.amp not in ("none", "bf16"):
+        raise ConfigError(f"train.amp: {train.amp!r} is not one of none, bf16")
+    for key, value in PRECISIONS.get(train.precision, PRECISIONS["released"]).items():
+        current = getattr(train, key)
+        if current is None:
+            setattr(train, key, value)
+        elif train.precision != "custom" and current != value:
+            raise ConfigError(
+                f"train.{key}: {current!r} contradicts train.precision={train.precision} "
+                f"({_PRECISION_WORDS[train.precision]}); set train.precision=fast for all the fast settings "
+                "at once, or train.precision=custom to choose train.amp, train.tf32, train.channels_last and "
+                "train.compile one by one")
+
+
 def validate(cfg: Config) -> Config:
     """Reject impossible values (method-spec section 10 gives the sensible ranges)."""
+    resolve_precision(cfg)
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
@@ -323,6 +387,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.scale: expected [low, high] with low <= high, got {cfg.data.scale}")
     if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
         raise ConfigError(f"eval.scales: expected positive scale factors, got {cfg.eval.scales}")
+    kinds = cfg.eval.checkpoints
+    if not kinds or any(k not in CHECKPOINT_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"eval.checkpoints: expected one or both of {', '.join(CHECKPOINT_KINDS)} "
+                          f"without repeats, got {kinds}")
     crop_w, crop_h = cfg.data.crop
     widest = cfg.data.base_width * high
     if crop_w > widest:
@@ -342,6 +410,13 @@ def validate(cfg: Config) -> Config:
         path = _get(cfg, key)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: file not found: {path}")
+    if cfg.model.from_scratch and cfg.model.pretrained_backbone is not None:
+        raise ConfigError(f"model.from_scratch: true contradicts model.pretrained_backbone="
+                          f"{cfg.model.pretrained_backbone}; set one of them")
+    if cfg.source_only.iters == 0 and cfg.warmup.iters == 0 and cfg.model.init is None:
+        raise ConfigError("model.init: source_only.iters and warmup.iters are both 0, so nothing trains the model "
+                          "that the anchors and CAG stage 1 start from; set model.init=CHECKPOINT (e.g. the "
+                          "authors' warm-up checkpoint)")
     if cfg.model.arch == "deeplabv2" and cfg.model.output_stride != 8:
         raise ConfigError("model.output_stride: DeepLab-v2 runs at output stride 8; set model.output_stride=8")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
@@ -384,7 +459,9 @@ def load_config(path=None, overrides=(), params: dict | None = None) -> Config:
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for text in overrides:

@@ -3,7 +3,10 @@
 ``torchrun --nproc_per_node=N -m cag run ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; every rank
 trains on its share of each global batch, gradients are averaged by DistributedDataParallel,
 BatchNorm statistics are synchronised (method-spec 8 item 14: SyncBN under DDP), metrics are
-all-reduced, and rank 0 alone logs and writes checkpoints.
+all-reduced, and rank 0 alone logs and writes checkpoints. Every loss is divided by its item
+count over all ranks (and all micro-batches of a step), not by each rank's own count
+(:func:`global_denominators`), so N processes optimise the objective of one process holding
+the global batch.
 """
 from __future__ import annotations
 
@@ -56,6 +59,36 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value / world_size()
+
+
+def global_denominators(counts: dict) -> dict[str, torch.Tensor]:
+    """This rank's loss denominators that make every loss a mean over the whole global batch.
+
+    ``counts`` maps each loss term to the number of items it averages over on this rank
+    (non-ignored pixels, (image, class) pairs, discriminator patches), summed over the
+    micro-batches of one optimiser step. The counts are summed over ranks (one all_reduce of
+    one small integer tensor, no gradient) into N; the denominator returned is
+    ``max(N, 1) / world_size``. A rank that divides the *sum* of a term over its micro-batch by
+    this denominator contributes ``world_size * sum / N``; DistributedDataParallel averages the
+    gradients over ranks and the micro-batches' backward passes add up, so the optimiser sees
+    the gradient of (sum over every item of the global batch) / N: the objective of one process
+    holding the whole batch, whatever the number of ranks and of micro-batches, and however
+    unevenly ignore pixels fall between them. A count of 0 gives 1 (every sum is 0 then).
+
+    One process and one micro-batch: the denominator is the local count (clamped to 1), so a
+    loss divided by it is exactly the plain mean.
+    """
+    if not counts:
+        return {}
+    keys = list(counts)
+    first = next((c for c in counts.values() if isinstance(c, torch.Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
+    total = torch.stack([torch.as_tensor(counts[k], device=device).detach().to(torch.int64).reshape(()) for k in keys])
+    world = world_size()
+    if world > 1:
+        dist.all_reduce(total)
+    denominators = total.clamp(min=1).to(torch.float32) / world
+    return dict(zip(keys, denominators.unbind()))
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):

@@ -46,6 +46,15 @@ BACKBONES = {
     "tiny": (DilatedBasicBlock, (1, 1, 1, 1), (16, 32, 64, 128)),
 }
 
+#: torchvision's ImageNet weight files per backbone: the name ``torchvision.models.<name>(weights="IMAGENET1K_V1")``
+#: downloads into the torch hub cache, then torchvision's pre-0.13 name for its ImageNet file (the one the
+#: released code's ``_load_pretrained_model`` fetches for ResNet-101). ``tiny`` has none.
+IMAGENET_WEIGHT_FILES = {
+    "resnet101": ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth"),
+    "resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
+    "resnet18": ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
+}
+
 
 def stage_layout(output_stride: int, depths, multi_grid: bool) -> tuple[tuple, list[list[int]]]:
     """Per-stage strides and per-block dilations of a ResNet at ``output_stride`` (16 or 8).
@@ -87,6 +96,7 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+        self.name = name
         block, depths, widths = BACKBONES[name]
         strides, dilations = stage_layout(output_stride, depths, multi_grid)
         self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
@@ -213,14 +223,22 @@ def load_backbone_weights(backbone: ResNetBackbone, path) -> None:
     """Load a local torchvision ResNet state dict file into ``backbone`` strictly, ``fc.*`` dropped.
 
     method-spec section 1: the ImageNet weights (``resnet101-5d3b4d8f.pth``) are copied by key
-    and ``fc`` is dropped. Never downloads. A mismatch raises CheckpointError naming the keys.
+    and ``fc`` is dropped. Never downloads; the file is read with the safe loader
+    (:func:`cag.checkpoint.load_checkpoint`, ``weights_only``). Anything but a state dict whose
+    keys and shapes are exactly the backbone's raises CheckpointError naming the file, the first
+    differing keys and shapes, and the torchvision file expected (:data:`IMAGENET_WEIGHT_FILES`).
     """
+    files = IMAGENET_WEIGHT_FILES.get(getattr(backbone, "name", None))
+    expected = (f"torchvision's ImageNet {backbone.name} weights ({files[0]} or {files[1]})" if files
+                else "a torchvision ResNet state dict of this backbone")
     state_dict = load_checkpoint(path)
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path}: expected a torchvision ResNet state dict, "
-                              f"found {type(state_dict).__name__}")
+        raise CheckpointError(f"{path}: expected {expected}, found {type(state_dict).__name__}")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    check_state_dict(state_dict, backbone.state_dict(), path)
+    try:
+        check_state_dict(state_dict, backbone.state_dict(), path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; expected {expected}") from None
     backbone.load_state_dict(state_dict, strict=True)
 
 

@@ -2,8 +2,10 @@
 
 Paper eq. (1): d_ijc = || f_c^s - f(x_i^t)_j ||_2, the (not squared) Euclidean distance between
 target feature j of image i and anchor c. Eq. (2): pixel j is active when the second-nearest
-anchor is at least ``delta_d`` farther than the nearest; an active pixel takes the nearest
-anchor's class, an inactive one is ignored. The released code also builds a probability
+anchor is more than ``delta_d`` farther than the nearest (strictly: d_ij,second - d_ij,nearest >
+Delta_d); the released code, and :func:`anchor_pseudo_labels`, also accept a margin of exactly
+``delta_d`` (>=; docs/paper-vs-code.md, row 7). An active pixel takes the nearest anchor's class,
+an inactive one is ignored. The released code also builds a probability
 pseudo-label (softmax > 0.95) and averages both CEs (see :mod:`cag.losses`).
 """
 from __future__ import annotations

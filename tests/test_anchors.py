@@ -224,3 +224,40 @@ def test_shipped_category_anchors():
     closest = divmod(distances.argmin().item(), 19)
     assert closest == (3, 4)  # wall - fence
     assert distances.min().item() == pytest.approx(4.78, abs=0.005)
+
+
+# --- the anchor pass over frames of several sizes (issue 14, item 2) --------------------------
+
+def test_anchor_pass_batches_frames_of_other_sizes(tmp_path):
+    """GTA5 has 1914x1046 frames among its 1914x1052 ones. The anchor pass resizes image
+    (bilinear) and label (nearest) together to ``anchors.resize``, as the released loader does,
+    so one batch mixing both sizes goes through (the label used to keep its own size and the
+    batch failed to collate). Here 128x64 and 128x62 frames, resized to 128x64."""
+    from cag.config import load_config
+    from cag.data import io
+    from cag.data.synthetic import generate, source_paths
+    from cag.data.transforms import resize_label
+    from cag.labels import gta5_lut
+    from cag.stages import anchor_dataset, compute_anchors, make_model
+
+    root = tmp_path / "bench"
+    generate(root, size=(64, 128), n_source=2, n_target_train=0, n_target_val=0, n_target_test=0,
+             source_sizes={1: (62, 128)}, progress=False)
+    assert [io.read_image(source_paths(root, i)[0]).shape[:2] for i in (0, 1)] == [(64, 128), (62, 128)]
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml", [
+        f"data.source_root={root / 'source'}", "data.synthetic.root=null", f"out_dir={tmp_path}",
+        "anchors.resize=[128,64]", "anchors.batch_size=2", "anchors.num_images=2", "anchors.min_pixels=1",
+        "device=cpu", "quiet=true"])
+    dataset = anchor_dataset(cfg)
+    for index in (0, 1):
+        item = dataset[index]
+        raw = torch.from_numpy(gta5_lut(19)[io.read_index_label(source_paths(root, index)[1])].astype(np.int64))
+        assert item["image"].shape == (3, 64, 128) and item["image"].dtype == torch.float32
+        assert torch.equal(item["label"], resize_label(raw, (128, 64)))
+    init = tmp_path / "init.pt"
+    torch.save({"model": make_model(cfg, torch.device("cpu")).state_dict()}, init)
+    result = compute_anchors(cfg, tmp_path / "anchors", init)
+    assert result["images"] == 2 and [tuple(s) for s in result["image_sizes_wh"]] == [(128, 64)]
+    anchors, counts = load_anchors(tmp_path / "anchors" / "anchors.pt")
+    assert anchors.shape == (19, cfg.model.feature_dim) and counts.sum() > 0
+    assert torch.isfinite(anchors[counts > 0]).all()

@@ -71,6 +71,9 @@ def test_shipped_configs_validate():
     ("train.channels_last=yes please", "train.channels_last: expected true or false"),
     ("model.arch=deeplabv2", "model.output_stride: DeepLab-v2 runs at output stride 8"),
     ("data.crop=[64,16]", "too small for the warm-up discriminator"),
+    ("eval.checkpoints=[last,last]", "eval.checkpoints: expected one or both of last, best_val without repeats"),
+    ("eval.checkpoints=[]", "eval.checkpoints: expected one or both of last, best_val"),
+    ("eval.checkpoints=[final]", "eval.checkpoints: expected one or both of last, best_val"),
 ])
 def test_bad_values_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError) as err:
@@ -145,6 +148,18 @@ def test_finished_stages_are_skipped_and_changed_ones_rerun(bench, tmp_path):
     assert json.loads((run / "stage1" / "done.json").read_text())["fingerprint"] == fingerprints(changed)["stage1"]
 
 
+def test_evaluate_scores_the_checkpoints_asked_for(bench, tmp_path):
+    cfg = synthetic_cfg(bench, tmp_path, "cag.stages=1", "eval.checkpoints=[best_val]")
+    assert load_config(REPO / "configs" / "synthetic.yaml").eval.checkpoints == ["last", "best_val"]
+    Pipeline(cfg).run()
+    summary = json.loads((tmp_path / "synthetic" / "summary.json").read_text())
+    assert {r["checkpoint"] for r in summary["results"]} == {"best_val"}
+    assert {r["stage"] for r in summary["results"]} == {"source_only", "warmup", "stage1"}
+    assert summary["headline"] == {"stage": "stage1", "checkpoint": "best_val", "split": "test"}
+    assert summary["miou"] == next(r["miou"] for r in summary["results"]
+                                   if r["stage"] == "stage1" and r["split"] == "test")
+
+
 def test_one_stage_needs_its_inputs(bench, tmp_path):
     cfg = synthetic_cfg(bench, tmp_path)
     with pytest.raises(RuntimeError, match="stage 'stage2' needs anchors, stage1 first"):
@@ -167,8 +182,9 @@ def test_released_configs_run_every_stage_on_the_benchmark_files(bench, tmp_path
     """The real-data configurations, ResNet-101 included, on the benchmark's GTA5/Cityscapes files.
 
     Sizes are reduced for the CPU; the layouts, loaders, network and stage code are the real ones.
+    The backbone starts from random weights on purpose (``model.from_scratch``): no ImageNet file here.
     """
-    small = ["data.source_resize=[128,64]", "data.target_resize=[128,64]", "data.base_width=128",
+    small = ["model.from_scratch=true", "data.source_resize=[128,64]", "data.target_resize=[128,64]", "data.base_width=128",
              "data.crop=[96,48]", "data.num_workers=0", "anchors.resize=[128,64]", "anchors.num_images=4",
              "train.batch_size=2", "train.amp=none", "train.val_interval=2", "train.val_max_images=2",
              "source_only.iters=1", "warmup.iters=1", "cag.iters=1", "cag.stages=2", "eval.batch_size=4",

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import OutputError, UserInputError, cli_main, writable_folder
 from ..labels import CLASSES_16, LABELS, SYNTHIA_IDS_16
 from . import io
 
@@ -640,7 +641,7 @@ def clear_previous(out) -> None:
     out = Path(out)
     ours = [out / d for d in ("source", "target", "source_synthia")]
     if read_manifest(out) is None and any(d.exists() for d in ours):
-        raise FileExistsError(
+        raise OutputError(
             f"{out} already holds source/ or target/ folders but no {MANIFEST}; refusing to "
             "overwrite them: delete them or choose another --out")
     for d in ours:
@@ -648,10 +649,18 @@ def clear_previous(out) -> None:
             shutil.rmtree(d)
 
 
+def sample_size(params: dict, domain: str, index: int) -> list[int]:
+    """The (H, W) of one sample: ``params["size"]``, or a source frame's entry in
+    ``params["source_sizes"]`` (frames of other sizes, as GTA5's 1914x1046 ones)."""
+    if domain == "source":
+        return params.get("source_sizes", {}).get(str(index), params["size"])
+    return params["size"]
+
+
 def write_sample(out, domain: str, split: str, index: int, params: dict) -> np.ndarray:
     """Render one sample, write it in its dataset's format and return its labelIds."""
     image, labels, instances = render_layers(params["preset"], params["strength"], domain, split, index,
-                                             params["size"])
+                                             sample_size(params, domain, index))
     if domain == "target":
         image_path, label_path = target_paths(out, split, index)
         io.write_image(image_path, image)
@@ -669,9 +678,12 @@ def write_sample(out, domain: str, split: str, index: int, params: dict) -> np.n
 
 def generate(out, preset: str = "class", strength: float | None = None, size=(64, 128),
              n_source: int = 600, n_target_train: int = 600, n_target_val: int = 100,
-             n_target_test: int = 200, synthia: bool = False, progress: bool = True) -> dict:
+             n_target_test: int = 200, synthia: bool = False, progress: bool = True,
+             source_sizes: dict | None = None) -> dict:
     """Write the benchmark to ``out`` and return its manifest (data-formats.md 4.1, 4.3).
 
+    ``source_sizes`` maps source indices to another (H, W) than ``size``: frames of other sizes
+    among the rest, as GTA5's 1914x1046 ones (written to both source layouts).
     Does nothing when ``out/benchmark.json`` already records these parameters and all files
     exist; otherwise removes the previous benchmark's folders and regenerates.
     """
@@ -685,11 +697,18 @@ def generate(out, preset: str = "class", strength: float | None = None, size=(64
     params = {"preset": preset, "strength": resolve_strength(preset, strength),
               "size": list(check_size(size)), **{k: int(v) for k, v in counts.items()},
               "synthia": bool(synthia)}
+    if source_sizes:
+        bad = [i for i in source_sizes if not 0 <= int(i) < int(n_source)]
+        if bad:
+            raise ValueError(f"source_sizes: indices {bad} are not source samples (0..{int(n_source) - 1})")
+        params["source_sizes"] = {str(int(i)): list(check_size(hw)) for i, hw in sorted(source_sizes.items())}
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: the benchmark folder is a file; choose another folder")
     if is_current(out, params):
         return read_manifest(out)
+    writable_folder(out, "the benchmark folder")
     clear_previous(out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "cag-mini-street-scenes", "format_version": FORMAT_VERSION,
                 "complete": False, "parameters": params}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -736,7 +755,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    """``python -m cag.data.synthetic --out DIR [--preset P] [--strength S] ...``"""
+    """``python -m cag.data.synthetic --out DIR [--preset P] [--strength S] ...``; an unusable
+    ``--out`` or manifest ends in one line and exit status 2 (:mod:`cag.errors`)."""
+    return cli_main(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m cag.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--preset", default="class", choices=sorted(PRESETS))
@@ -754,7 +778,9 @@ def main(argv=None) -> int:
         manifest = generate(args.out, args.preset, args.strength, args.size, args.n_source,
                             args.n_target_train, args.n_target_val, args.n_target_test,
                             args.synthia, progress=not args.quiet)
-    except (ValueError, FileExistsError) as err:
+    except ValueError as err:
+        if isinstance(err, UserInputError):
+            raise
         parser.error(str(err))
     n = sum(manifest["counts"].values())
     print(f"{args.out}: {n} samples ({manifest['parameters']['preset']}, strength "
