@@ -359,3 +359,64 @@ def plot_quality(qualities: dict, names, title: str):
     axes[0].tick_params(labelbottom=False)
     fig.suptitle(title)
     return fig
+
+
+# ----------------------------------------------------------------------------- chapter 0
+
+
+def _points_as_features(points) -> torch.Tensor:
+    """2-D points [N, 2] as a feature map [1, 2, 1, N], the layout the method's functions take."""
+    return torch.as_tensor(np.asarray(points).T, dtype=torch.float32).reshape(1, 2, 1, -1)
+
+
+def cag_idea(delta_d: float = 1.0, seed: int = 0, n: int = 150):
+    """CAG's idea in one picture: two category anchors and the active-target test, in 2-D.
+
+    A toy feature space (chapter 0). Two source classes (open circles) give two category anchors
+    (stars), their centroids (:class:`cag.anchors.AnchorAccumulator`, ``mode="global"``, method
+    §2). Target features (dots), drawn from a shifted and wider domain, are coloured by
+    :func:`cag.pseudo_labels.anchor_pseudo_labels` (method §3, eq. (3.2)): the nearest anchor's
+    class where it wins by at least ``delta_d``, grey where it does not. The solid line is where
+    both anchors are equally near, the dashed lines where the margin equals ``delta_d``; the
+    shaded band between them is where no target pixel gets a label. ``seed`` fixes the draw of
+    ``n`` points per class and domain.
+    """
+    from .anchors import AnchorAccumulator
+    from .pseudo_labels import anchor_distances, anchor_pseudo_labels
+
+    rng = np.random.default_rng(seed)
+    centres = np.array([[-1.6, 0.0], [1.6, 0.0]])
+    source = np.concatenate([c + 0.55 * rng.standard_normal((n, 2)) for c in centres])
+    target = np.concatenate([c + np.array([0.6, 0.9]) + 0.9 * rng.standard_normal((n, 2)) for c in centres])
+    accumulator = AnchorAccumulator(num_classes=2, dim=2, mode="global")
+    accumulator.update(_points_as_features(source), torch.arange(2).repeat_interleave(n).reshape(1, 1, -1))
+    anchors = accumulator.anchors
+    pseudo = anchor_pseudo_labels(_points_as_features(target), anchors, delta_d=delta_d).flatten().numpy()
+
+    points = np.concatenate([source, target])
+    (x0, y0), (x1, y1) = points.min(axis=0) - 0.5, points.max(axis=0) + 0.5
+    gx, gy = np.meshgrid(np.linspace(x0, x1, 300), np.linspace(y0, y1, 300))
+    distances = anchor_distances(_points_as_features(np.stack([gx.ravel(), gy.ravel()], axis=1)), anchors)
+    difference = (distances[0, 0] - distances[0, 1]).reshape(gx.shape).numpy()
+
+    fig = _figure(6.8, 4.6)
+    ax = fig.subplots()
+    ax.contourf(gx, gy, difference, levels=[-delta_d, delta_d], colors=["0.92"])
+    ax.contour(gx, gy, difference, levels=[-delta_d, 0.0, delta_d], colors="0.35",
+               linestyles=["--", "-", "--"], linewidths=1.0)
+    colours = ("tab:blue", "tab:orange")
+    for c, colour in enumerate(colours):
+        ax.scatter(*source[c * n:(c + 1) * n].T, s=14, facecolors="none", edgecolors=colour, alpha=0.5,
+                   label=f"source, class {c}")
+        ax.scatter(*target[pseudo == c].T, s=14, color=colour, label=f"target, active: labelled {c}")
+    ax.scatter(*target[pseudo == 255].T, s=14, color="0.55", label="target, inactive: ignored")
+    ax.scatter(*anchors.numpy().T, s=260, marker="*", color=colours, edgecolors="black", zorder=3,
+               label="category anchors")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("feature 1")
+    ax.set_ylabel("feature 2")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"Category anchors and active targets (toy, Delta_d = {delta_d:g})")
+    return fig
