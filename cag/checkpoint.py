@@ -12,8 +12,10 @@ the released checkpoints). The legacy non-zip format of torch 0.4 is read the sa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import re
 import struct
 import tempfile
@@ -90,6 +92,27 @@ def save_checkpoint(path, obj) -> None:
     path = Path(path)
     check_plain(obj, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _interrupts_deferred():
+        _write_atomically(path, obj)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends: an interrupt raised inside ``torch.save``'s
+    zip writer surfaces as an unrelated RuntimeError; held, it arrives after the write."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no POSIX signal masks here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _write_atomically(path: Path, obj) -> None:
     handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as tmp:
