@@ -8,6 +8,11 @@ PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED := 0
+# glibc serves every buffer above 32 MB with a fresh mmap, so a full-resolution forward pass on the
+# CPU spends about half its time in page faults; transparent huge pages for malloc (glibc >= 2.35,
+# THP in madvise mode) cut a 2048x1024 pass by about 10 % (benchmarks/NOTES.md section 10).
+# Older glibc ignores the setting.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 BOOK_STAMP := $(VENV)/.book-installed
 TEST_STAMP := $(VENV)/.test-installed
@@ -60,7 +65,7 @@ paper-run: $(BOOK_STAMP)
 
 ## make test: every test (unit, integration, notebooks)
 test: $(TEST_STAMP) chromium
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # The HTML test drives headless Chromium (Debian's package); CI installs it when running as root.
 chromium:

@@ -1,6 +1,7 @@
-"""The warm-up's global output-space alignment (method-spec sections 5 and 9; a reconstruction).
+"""The warm-up's global output-space alignment (docs/method.md §6; a reconstruction).
 
-The authors never released their warm-up (CAG_UDA issues #9, #11). Their code keeps an
+The authors never released their warm-up (docs/method.md §6: ``RogerZhangzz/CAG_UDA#7``,
+``RogerZhangzz/CAG_UDA#11``). Their code keeps an
 AdaptSegNet-style ``FCDiscriminator`` and a BCE loss with source label 0 and target label 1,
 and ProDA, which says it borrowed the warm-up from CAG_UDA, discriminates the softmax of the
 segmentation output with lambda_adv = 0.01. This module rebuilds that: a patch discriminator
@@ -19,7 +20,7 @@ TARGET_LABEL = 1.0
 class FCDiscriminator(nn.Module):
     """Four 4x4 stride-2 convolutions with LeakyReLU(0.2) and a 1-channel patch classifier.
 
-    AdaptSegNet's output-space discriminator (method-spec section 5, "Leftovers in the code").
+    AdaptSegNet's output-space discriminator (docs/method.md §6).
     Input: class probabilities [B, C, H, W]; output: per-patch domain logits [B, 1, h, w].
     """
 

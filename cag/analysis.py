@@ -6,7 +6,7 @@ or a run directory and measures what the paper claims, with the package's own ru
 notebooks in ``book/`` call these functions and plot their results with :mod:`cag.figures`.
 
 Conventions: features and labels are at feature resolution (stride 4 for DeepLab-v3+), labels
-are downsampled with nearest as for the anchors (method-spec 2, step 4); 255 is ignore
+are downsampled with nearest as for the anchors (docs/method.md §2); 255 is ignore
 everywhere; nothing assumes 19 classes or a crop size.
 """
 from __future__ import annotations
@@ -99,13 +99,13 @@ def read_metrics(stage_dir, kind: str | None = None) -> list[dict]:
 
 def results_table(summary: dict, split: str, checkpoint: str = "last") -> dict[str, float]:
     """``{stage: mIoU}`` of one split and checkpoint kind from a run's ``summary.json``
-    (:meth:`cag.pipeline.Pipeline.evaluate_all`; method-spec 8 item 11: last and best both kept)."""
+    (:meth:`cag.pipeline.Pipeline.evaluate_all`; docs/paper-vs-code.md row 33: last and best both kept)."""
     return {r["stage"]: r["miou"] for r in summary["results"]
             if r["split"] == split and r["checkpoint"] == checkpoint}
 
 
 def iou_delta(before: dict, after: dict) -> dict:
-    """Per-class IoU change ``after - before`` over the classes of ``before`` (method-spec 6:
+    """Per-class IoU change ``after - before`` over the classes of ``before`` (docs/method.md §12:
     per-class IoU); None where either side has no value (a class absent from the split)."""
     return {name: None if before.get(name) is None or after.get(name) is None else after[name] - before[name]
             for name in before}
@@ -122,7 +122,7 @@ def row_normalised(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def source_eval_dataset(cfg: Config):
-    """The source set as the anchor computation reads it (method-spec 2, step 2): no
+    """The source set as the anchor computation reads it (docs/method.md §2): no
     augmentation, images and labels (train ids) at ``anchors.resize`` (None: as stored);
     :func:`cag.stages.anchor_dataset`."""
     from .stages import anchor_dataset
@@ -143,7 +143,7 @@ def first_items(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def features_and_logits(model, images: torch.Tensor, device, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's ``(features, logits)`` (method-spec 1: the anchor feature ``cls_feat`` and
+    """The model's ``(features, logits)`` (docs/method.md §11: the anchor feature ``cls_feat`` and
     the classifier output, both at stride 4) for a stack of images, in eval mode, on the CPU."""
     model.eval()
     outputs = [model(chunk.to(device)) for chunk in images.split(batch_size)]
@@ -153,7 +153,7 @@ def features_and_logits(model, images: torch.Tensor, device, batch_size: int = 1
 def labelled_pixels(features: torch.Tensor, labels: torch.Tensor, max_pixels: int | None = None,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel features [N, D] and their classes [N] from features [B, D, h, w] and full-size
-    labels [B, H, W]: labels downsampled with nearest to the feature size (method-spec 2,
+    labels [B, H, W]: labels downsampled with nearest to the feature size (docs/method.md §2,
     step 4), ignored pixels dropped, then at most ``max_pixels`` kept by a seeded draw."""
     small = downsample_labels(labels, features.shape[-2:])
     points = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -194,7 +194,7 @@ def feature_rgb(features: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor) 
 
 
 def anchor_separation(anchors: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Pairwise Euclidean distances [C, C] between category anchors (method-spec 2: the
+    """Pairwise Euclidean distances [C, C] between category anchors (docs/method.md §2: the
     released anchors lie 4.78 to 13.91 apart, the scale on which Delta_d = 2.5 acts); rows and
     columns of classes without an anchor (count 0) are NaN."""
     distances = torch.cdist(anchors.double(), anchors.double())
@@ -207,7 +207,7 @@ def anchor_separation(anchors: torch.Tensor, counts: torch.Tensor) -> torch.Tens
 @torch.no_grad()
 def anchors_by_rule(model, dataset, num_classes: int, device, min_pixels: int = 10, count_cap: int = 3000,
                     modes=("faithful", "global"), batch_size: int = 16, max_images: int | None = None) -> dict:
-    """Anchors [C, D] of the same model and source images under each anchor rule (method-spec 2):
+    """Anchors [C, D] of the same model and source images under each anchor rule (docs/method.md §2):
     ``faithful`` (the released ``cac.py``) and ``global`` (the paper's plain centroid), one
     :class:`cag.anchors.AnchorAccumulator` per rule fed the same batches, in dataset order."""
     from .anchors import AnchorAccumulator
@@ -253,7 +253,7 @@ def nearest_anchor_report(points: torch.Tensor, classes: torch.Tensor, anchors: 
 def pseudo_label_maps(features: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor, counts: torch.Tensor,
                       delta_d=2.5, prob_threshold=0.95) -> dict[str, torch.Tensor]:
     """The frozen pseudo-labeller's maps for a batch, as :func:`cag.stages.cag_train_step` builds
-    them (method-spec 3), all [B, h, w]:
+    them (docs/method.md §3), all [B, h, w]:
 
     ``anchor``: eq. (2) active-target labels (255 = inactive; classes without an anchor are
     excluded); ``probability``: softmax > ``prob_threshold`` labels; ``nearest`` and
@@ -285,7 +285,7 @@ def split_pseudo_label_quality(model, dataset, anchors: torch.Tensor, counts: to
                                max_images: int | None = None) -> dict:
     """Per-class precision and recall of a pseudo-labeller's labels over a labelled target split.
 
-    The released code logs the same with ``calc_recall`` (method-spec 3; target labels are read
+    The released code logs the same with ``calc_recall`` (docs/method.md §3; target labels are read
     for this monitoring only, never by a loss). Each image is labelled whole (no crop), ground
     truth is downsampled with nearest to the feature size. Returns ``{"probability": quality,
     "anchor": {delta_d: quality}}``, each quality a :func:`cag.pseudo_labels.pseudo_label_quality`
@@ -310,7 +310,7 @@ def split_pseudo_label_quality(model, dataset, anchors: torch.Tensor, counts: to
 
 def mean_precision_recall(quality: dict) -> tuple[float, float]:
     """Pixel-weighted precision (correct / assigned) and recall (correct / ground truth) over
-    all classes of a summed quality dict: the two sides of the Delta_d trade-off (method-spec 3)."""
+    all classes of a summed quality dict: the two sides of the Delta_d trade-off (docs/method.md §3)."""
     correct = float(quality["correct"].sum())
     assigned, truth = float(quality["assigned"].sum()), float(quality["ground_truth"].sum())
     return (correct / assigned if assigned else math.nan, correct / truth if truth else math.nan)
@@ -323,7 +323,7 @@ def distance_loss_gradients(features: torch.Tensor, labels: torch.Tensor, anchor
                             predictions: torch.Tensor, variant: str = "faithful",
                             min_pixels: int = 10) -> torch.Tensor:
     """Per-pixel gradient norm [B, h, w] of the distance loss L_dis with respect to the features
-    (method-spec 4.3): with ``faithful`` every pixel of a kept (image, class) pair gets a push
+    (docs/method.md §5): with ``faithful`` every pixel of a kept (image, class) pair gets a push
     proportional to 2 / (h w), so large regions get more in total; with ``pixel_l2`` every
     labelled pixel gets the same unit-norm push divided by the number of labelled pixels."""
     features = features.detach().clone().requires_grad_(True)

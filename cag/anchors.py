@@ -1,4 +1,4 @@
-"""Category anchors (CAs): per-class centroids of source decoder features (method-spec 2).
+"""Category anchors (CAs): per-class centroids of source decoder features (docs/method.md §2).
 
 The paper defines the anchors as "the centroids of category-wise features in the source
 domain". The released code (``cac.py``) computes something more specific, which is this
@@ -40,7 +40,7 @@ class AnchorsError(UserInputError, ValueError):
 
 
 def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
-    """Nearest-neighbour resize of label maps [B, H, W] to ``size`` (method-spec 2, step 4).
+    """Nearest-neighbour resize of label maps [B, H, W] to ``size`` (docs/method.md §2).
 
     Identical to ``F.interpolate(labels[:, None].float(), size, mode="nearest")`` as in the
     released code; ignore (255) survives because nearest never mixes values.
@@ -57,7 +57,7 @@ def _accumulation_dtype(device: torch.device) -> torch.dtype:
 
 
 def class_masks(labels: torch.Tensor, num_classes: int, predictions: torch.Tensor | None = None) -> torch.Tensor:
-    """One-hot class masks [B, h, w, C] (method-spec 2, step 5).
+    """One-hot class masks [B, h, w, C] (docs/method.md §2).
 
     With ``predictions`` the mask of class c keeps only correctly classified pixels,
     (label == c) & (prediction == c); without, every pixel labelled c. Labels outside
@@ -95,7 +95,7 @@ def _check_update_inputs(features, labels, predictions, dim, mode):
 
 
 class AnchorAccumulator:
-    """Accumulates category anchors batch by batch (method-spec 2; paper: CAs, poster eq. (1)).
+    """Accumulates category anchors batch by batch (docs/method.md §2; paper: CAs, poster eq. (1)).
 
     ``mode="faithful"`` reproduces ``cac.py`` (correct-pixel masks, ``min_pixels``, per-image
     class means, running mean capped at ``count_cap``); ``mode="global"`` is the paper's plain
@@ -202,7 +202,7 @@ class AnchorAccumulator:
 
 
 def save_anchors(path, anchors: torch.Tensor, counts: torch.Tensor, **meta) -> None:
-    """Saves anchors [C, D] and counts [C] as a plain dict of tensors (method-spec 2, decision).
+    """Saves anchors [C, D] and counts [C] as a plain dict of tensors (docs/method.md §2).
 
     ``meta`` holds plain values (str, int, float, bool). The write is atomic
     (:func:`cag.checkpoint.save_checkpoint`).
@@ -290,7 +290,7 @@ def _load_failure_reason(error: Exception) -> str:
 
 
 def load_cag_uda_anchors(path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reads the authors' shipped ``category_anchors`` (method-spec 2, "shipped file").
+    """Reads the authors' shipped ``category_anchors`` (docs/method.md §2).
 
     The file is a legacy (non-zip) torch pickle of {objective_vectors: float64 [19, 256],
     objective_num: float64 [19]} numpy arrays. It is loaded with ``weights_only=True`` and an

@@ -1,4 +1,4 @@
-"""The benchmark suite (issue 8): ``python -m cag.bench [--device cuda] [--smoke] [--out FILE.json]``.
+"""The benchmark suite (benchmarks/NOTES.md): ``python -m cag.bench [--device cuda] [--smoke] [--out FILE.json]``.
 
 Measures, on whatever device it runs on, and prints a table and writes JSON records of:
 
@@ -375,7 +375,7 @@ def make_teacher(student: torch.nn.Module, mode: Mode, backend: str) -> torch.nn
 
 
 def make_optimizer(student: torch.nn.Module, cfg: Config, mode: Mode) -> torch.optim.Optimizer:
-    """The stage's SGD (method-spec 5); with ``fused_sgd`` the single-kernel fused implementation."""
+    """The stage's SGD (docs/method.md §7-§8); with ``fused_sgd`` the single-kernel fused implementation."""
     if not mode.fused_sgd:
         return stages._sgd(student.parameters(), cfg, cfg.cag.lr)
     return torch.optim.SGD(student.parameters(), lr=cfg.cag.lr, momentum=cfg.train.momentum,
@@ -410,7 +410,7 @@ def synthetic_anchors(num_classes: int, dim: int, device: torch.device, generato
 
 def train_iteration(cfg: Config, mode: Mode, student, teacher, optimizer, anchors, counts, batch, device,
                     iteration: int = 0) -> dict:
-    """One CAG iteration as ``run_loop`` runs ``cag_stage``'s step (method-spec 3-5).
+    """One CAG iteration as ``run_loop`` runs ``cag_stage``'s step (docs/method.md §3-§8).
 
     Poly lr, :func:`cag.stages.cag_train_step`, backward, the loop's finite check
     (``cag.loop._finite``, or :func:`finite_one_sync` with ``mode.one_sync``), SGD step, zero_grad.
@@ -514,7 +514,7 @@ class Preloaded(torch.utils.data.Dataset):
 
 
 def bench_eval(profile: Profile, mode: Mode, device: torch.device, frames: Path, preloaded: bool = False) -> dict:
-    """``eval_full_res``: :func:`cag.evaluate.evaluate_model` on full-resolution val frames (method-spec 6).
+    """``eval_full_res``: :func:`cag.evaluate.evaluate_model` on full-resolution val frames (docs/method.md §12).
 
     From PNG as the pipeline evaluates (decode in the main process, forward, upsample, argmax,
     confusion matrix), or ``preloaded`` to leave decoding out. ``ms_per_step`` is per image.
@@ -588,7 +588,7 @@ def labels_by_matmul(features, anchors, delta_d=2.5, valid=None):
 
 
 def bench_pseudo_labels(profile: Profile, variant: str, device: torch.device, backend: str) -> dict:
-    """``pseudo_labels``: :func:`cag.pseudo_labels.anchor_pseudo_labels` at ``profile.kernel_shape`` (method-spec 3).
+    """``pseudo_labels``: :func:`cag.pseudo_labels.anchor_pseudo_labels` at ``profile.kernel_shape`` (docs/method.md §3).
 
     Variants: ``fp32`` (the package's kernel, with its three parts timed too), ``fp32_compile``,
     ``fp32_matmul`` (bench-only matrix-multiply distances).
@@ -661,7 +661,7 @@ def pipeline_parts(dataset, transform, n: int) -> dict:
 
 
 def bench_data_pipeline(profile: Profile, frames: Path) -> list[dict]:
-    """``data_pipeline``: frames per second of one worker (one process, one thread; method-spec 5).
+    """``data_pipeline``: frames per second of one worker (one process, one thread; docs/data.md §6).
 
     ``gta5_decode``: dataset items (PNG decode, checks, label mapping); ``gta5_decode_augment`` and
     ``cityscapes_decode_augment``: the training stream (resize, random width, crop, flip, [0, 1],
@@ -772,7 +772,7 @@ def bench_cpu_profile(profile: Profile, work: Path, full: bool = False) -> list[
 
 
 def schedule_estimate(records: list[dict], cfg: Config | None = None) -> list[dict]:
-    """GPU-hours of the released schedule (method-spec 5, 9, 10) at this run's measured speeds.
+    """GPU-hours of the released schedule (docs/method.md §7-§9) at this run's measured speeds.
 
     Every training iteration (source-only, warm-up, the CAG stages) is costed as one CAG step
     of the mode (an upper bound: source-only does less), every validation as

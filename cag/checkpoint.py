@@ -1,7 +1,7 @@
 """Saving and safely loading checkpoints, including the authors' released CAG-UDA files.
 
-method-spec section 8 item 19: the original ``adaptive_load_nets`` loaded only the keys that
-matched and silently ignored the rest, so a wrong or ``module.``-prefixed file left
+The release's ``adaptive_load_nets`` (``models/adaptation_model.py``, called at ``test.py:62``)
+loaded only the keys that matched and silently ignored the rest, so a wrong or ``module.``-prefixed file left
 random/ImageNet weights in place. Here every load is strict and reports the keys that differ.
 
 Untrusted files never execute code: everything goes through ``torch.load(weights_only=True)``,
@@ -66,7 +66,7 @@ def check_plain(obj, where: str = "checkpoint") -> None:
     """Raise TypeError unless ``obj`` is tensors, dicts, lists, tuples, numbers and strings only.
 
     These are the objects ``torch.load(weights_only=True)`` rebuilds, so a file saved from them
-    can always be loaded back safely (method-spec section 8 item 19).
+    can always be loaded back safely.
     """
     if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_LEAVES:
         return
@@ -191,7 +191,7 @@ def state_dict_mismatches(state_dict: Mapping, reference: Mapping) -> list[str]:
 def check_state_dict(state_dict: Mapping, reference: Mapping, source) -> None:
     """Raise CheckpointError naming ``source`` unless ``state_dict`` matches ``reference`` strictly.
 
-    method-spec section 8 item 19: strict loading with an explicit key report.
+    Strict loading with an explicit key report, unlike the release's ``adaptive_load_nets``.
     """
     problems = state_dict_mismatches(state_dict, reference)
     if problems:
@@ -212,7 +212,7 @@ def _is_bare_state_dict(obj) -> bool:
 
 
 def released_model_state(ckpt, source) -> dict:
-    """The model state dict inside a released CAG-UDA checkpoint (method-spec section 8 item 19).
+    """The model state dict inside a released CAG-UDA checkpoint (the layout ``test.py:62`` of the release reads).
 
     Accepts ``ckpt["DeepLab"]["model_state"]`` (the released format, next to
     ``optimizer_state``, ``scheduler_state``, ``iter`` and ``best_iou``) or a file that is
@@ -235,7 +235,7 @@ def released_model_state(ckpt, source) -> dict:
 def load_cag_uda_checkpoint(path, model: torch.nn.Module | None = None) -> dict:
     """Read an authors' released checkpoint into a state dict for ``DeepLabV3Plus(19)``.
 
-    method-spec sections 8 item 19 and 9: the file is loaded safely (legacy torch 0.4 format
+    docs/method.md §8: the file is loaded safely (legacy torch 0.4 format
     included), a ``module.`` prefix is stripped, and the result is checked strictly against
     ``model``'s state dict (default: ``DeepLabV3Plus(19)``, R101, OS16), so that
     ``model.load_state_dict(sd, strict=True)`` accepts it. A mismatch raises CheckpointError

@@ -2,7 +2,7 @@
 
 Every field has a type and a default; :func:`load_config` rejects unknown keys, wrong types and
 impossible values before any work starts, naming the key and what is allowed. The released
-schedule's values are in method-spec.md section 10; ``configs/gta5_to_cityscapes.yaml`` spells
+schedule's values are in docs/method.md §9; ``configs/gta5_to_cityscapes.yaml`` spells
 them out.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Datasets and the augmentation of method-spec section 5 ("Data pipeline")."""
+    """Datasets and the augmentation of docs/data.md §6."""
 
     source: str = "gta5"
     source_root: str = "data/gta5"
@@ -74,7 +74,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network (method-spec section 1) and what its weights start from.
+    """The network (docs/method.md §11) and what its weights start from.
 
     A ResNet backbone starts from ``pretrained_backbone`` (torchvision's ImageNet weights, as the
     released code always does), or the whole network from ``init`` (a project or released
@@ -95,7 +95,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation shared by every stage (method-spec sections 5 and 10)."""
+    """Optimisation shared by every stage (docs/method.md §7 and §9)."""
 
     batch_size: int = 4
     momentum: float = 0.9
@@ -122,7 +122,7 @@ class TrainConfig:
 
 @dataclass
 class SourceOnlyConfig:
-    """Step 2a of method-spec section 9: supervised training on the source domain."""
+    """Step 2a of docs/method.md §8: supervised training on the source domain."""
 
     iters: int = 20000
     lr: float = 2.5e-4
@@ -131,7 +131,7 @@ class SourceOnlyConfig:
 
 @dataclass
 class WarmupConfig:
-    """Step 2b of method-spec section 9: global output-space adversarial alignment (a reconstruction)."""
+    """Step 2b of docs/method.md §8: global output-space adversarial alignment (a reconstruction)."""
 
     iters: int = 20000
     lr: float = 2.5e-4
@@ -146,7 +146,7 @@ class WarmupConfig:
 
 @dataclass
 class AnchorsConfig:
-    """Category-anchor computation (method-spec section 2)."""
+    """Category-anchor computation (docs/method.md §2)."""
 
     mode: str = "faithful"
     min_pixels: int = 10
@@ -160,7 +160,7 @@ class AnchorsConfig:
 
 @dataclass
 class CAGConfig:
-    """The CAG stages (method-spec sections 3-5)."""
+    """The CAG stages (docs/method.md §3-§8)."""
 
     stages: int = 3
     iters: int = 62412
@@ -177,11 +177,13 @@ class CAGConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (method-spec section 6): full resolution, single scale by default.
+    """Evaluation protocol (docs/method.md §12): full resolution, single scale by default.
 
     ``checkpoints`` names the checkpoints of each training stage that the ``evaluate`` stage
     scores: ``last`` and/or ``best_val`` (both by default; the headline is ``last`` when it is
-    scored, else ``best_val``).
+    scored, else ``best_val``). ``stages`` names the training stages it scores (None: every one
+    that trained); it must include the final one (the last CAG stage, or the warm-up when
+    ``cag.stages`` is 0), whose score is the run's headline.
     """
 
     batch_size: int = 1
@@ -189,6 +191,7 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     resize: typing.Optional[list[int]] = None
     checkpoints: list[str] = field(default_factory=lambda: ["last", "best_val"])
+    stages: typing.Optional[list[str]] = None
 
 
 @dataclass
@@ -353,7 +356,7 @@ def resolve_precision(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Reject impossible values (method-spec section 10 gives the sensible ranges)."""
+    """Reject impossible values (docs/method.md §9 gives the sensible ranges)."""
     resolve_precision(cfg)
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
@@ -391,6 +394,14 @@ def validate(cfg: Config) -> Config:
     if not kinds or any(k not in CHECKPOINT_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
         raise ConfigError(f"eval.checkpoints: expected one or both of {', '.join(CHECKPOINT_KINDS)} "
                           f"without repeats, got {kinds}")
+    if cfg.eval.stages is not None:
+        training = ["source_only", "warmup", *[f"stage{k}" for k in range(1, cfg.cag.stages + 1)]]
+        final = training[-1]
+        stages = cfg.eval.stages
+        if not stages or any(s not in training for s in stages) or len(set(stages)) != len(stages) \
+                or final not in stages:
+            raise ConfigError(f"eval.stages: expected training stages among {', '.join(training)} without "
+                              f"repeats, including the final one ({final}, the run's headline); got {stages}")
     crop_w, crop_h = cfg.data.crop
     widest = cfg.data.base_width * high
     if crop_w > widest:

@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node=N -m cag run ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; every rank
 trains on its share of each global batch, gradients are averaged by DistributedDataParallel,
-BatchNorm statistics are synchronised (method-spec 8 item 14: SyncBN under DDP), metrics are
+BatchNorm statistics are synchronised (docs/paper-vs-code.md row 34: SyncBN under DDP), metrics are
 all-reduced, and rank 0 alone logs and writes checkpoints. Every loss is divided by its item
 count over all ranks (and all micro-batches of a step), not by each rank's own count
 (:func:`global_denominators`), so N processes optimise the objective of one process holding

@@ -1,4 +1,4 @@
-"""Full-resolution evaluation (method-spec section 6).
+"""Full-resolution evaluation (docs/method.md §12).
 
 Single scale, no flip by default; the model in eval mode; stride-4 logits upsampled bilinearly
 (align_corners=True) to the label size, then argmax; one confusion matrix over the whole split.

@@ -1,4 +1,4 @@
-"""Experiments on the built-in benchmark (issue 7) and the calibration of its presets (issue 4).
+"""Experiments on the built-in benchmark (results/README.md) and the calibration of its presets.
 
 ``python -m cag experiments configs/experiments/benchmark.yaml`` runs every arm of the
 benchmark table; ``python -m cag experiments configs/experiments/calibration.yaml`` measures
@@ -179,7 +179,7 @@ def record(spec: dict, cfg: Config, arm: str, started: float) -> dict:
 def calibrate(spec: dict) -> list[dict]:
     """Source-only against the target-trained model on ``val`` for every preset x strength x seed.
 
-    Issue 4 item 4 / data-formats.md 4.2: a preset's default strength is chosen where
+    docs/data.md §7: a preset's default strength is chosen where
     source-only reaches roughly 50-65 % of the target oracle's mIoU, before any adaptation
     runs and never on the held-out split. The source domain does not depend on the preset or
     the strength (every shift amount is 0 for the source), so one source-only model per seed,
@@ -344,7 +344,7 @@ def stage_labellers(cfg: Config) -> list[tuple[int, Path, Path]]:
 def pseudo_label_counts(cfg: Config, labeller: Path, anchors_path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Per-class pseudo-label counts of a frozen labeller over the target train split.
 
-    Both rules of method-spec 3 at the stage's settings, ``anchor`` (eq. 1-2, margin
+    Both rules of docs/method.md §3 at the stage's settings, ``anchor`` (eq. 1-2, margin
     ``cag.delta_d``) and ``probability`` (softmax > ``cag.prob_threshold``), each a
     :func:`cag.pseudo_labels.pseudo_label_quality` dict summed over the split by
     :func:`cag.analysis.split_pseudo_label_quality` (whole images, labels downsampled by
@@ -422,7 +422,7 @@ class Collector:
 
 
 def benchmark(spec: dict) -> dict:
-    """Run every preset x seed x arm of an experiment file and write ``results/`` (issue 7).
+    """Run every preset x seed x arm of an experiment file and write ``results/``.
 
     Each preset and seed is an independent group (:func:`seed_group`); with ``jobs: N`` the
     groups run in N worker processes of one thread each (on 2 cores, two one-thread runs
@@ -549,7 +549,7 @@ def select(rows: list[dict], **where) -> list[dict]:
 
 
 def arm_order(rows: list[dict]) -> list[str]:
-    """Arms in the order of issue 7 (source-only first, oracle last), then any others."""
+    """Arms in the order of the results table (source-only first, oracle last), then any others."""
     order = ["source_only", "warmup", "self_training", "cag_stage1", "cag_stage2", "cag_stage3",
              "cag_anchor_only", "cag_pixel_l2", "target_oracle"]
     present = list(dict.fromkeys(r["arm"] for r in rows))
@@ -597,7 +597,7 @@ def per_class_mean_std(rows: list[dict], preset: str, checkpoint: str = "last", 
 
 
 def targets(rows: list[dict], preset: str = "class", checkpoint: str = "last") -> dict:
-    """Issue 7's targets on ``preset``: CAG stage 3 >= source-only + 5 points and >= warm-up + 2 points.
+    """The benchmark's targets on ``preset``: CAG stage 3 >= source-only + 5 points and >= warm-up + 2 points.
 
     Differences are of the means over seeds, in mIoU points (x 100, rounded to 1e-6 so that float
     noise never decides a tie); ``met`` is True only when both hold.
@@ -773,10 +773,10 @@ def plot_calibration(calibration_rows: list[dict], band=(0.5, 0.65)):
 
 # ----------------------------------------------------------------------------- the paper's tables
 
-#: Published per-class IoU (%) quoted verbatim from the poster (method-spec.md section 7); never
+#: Published per-class IoU (%) quoted verbatim from the CAG-UDA poster (``QimingZHANG-NIPS_UDA.pdf`` in the release); never
 #: mixed with our numbers. DeepLab-v3+ / ResNet-101 on GTA5 -> Cityscapes val, 19 classes.
 PAPER_GTA5 = {
-    "source": "CAG-UDA poster, Table 1 (GTA5 -> Cityscapes, 19 classes); via method-spec.md section 7",
+    "source": "CAG-UDA poster, Table 1 (GTA5 -> Cityscapes, 19 classes), transcribed from QimingZHANG-NIPS_UDA.pdf in RogerZhangzz/CAG_UDA (not re-read since)",
     "classes": ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                 "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
                 "motorcycle", "bicycle", "mIoU"],
@@ -794,9 +794,9 @@ PAPER_GTA5 = {
     },
 }
 
-#: SYNTHIA -> Cityscapes, 13 classes (poster Table 2; method-spec.md section 7). No source-only row.
+#: SYNTHIA -> Cityscapes, 13 classes (poster Table 2). No source-only row.
 PAPER_SYNTHIA13 = {
-    "source": "CAG-UDA poster, Table 2 (SYNTHIA -> Cityscapes, 13 classes); via method-spec.md section 7",
+    "source": "CAG-UDA poster, Table 2 (SYNTHIA -> Cityscapes, 13 classes), transcribed from QimingZHANG-NIPS_UDA.pdf in RogerZhangzz/CAG_UDA (not re-read since)",
     "classes": ["road", "sidewalk", "building", "traffic light", "traffic sign", "vegetation", "sky", "person",
                 "rider", "car", "bus", "motorcycle", "bicycle", "mIoU13"],
     "rows": {

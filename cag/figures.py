@@ -31,7 +31,7 @@ def image_array(image) -> np.ndarray:
 def show_domains(source_dataset, target_dataset, n: int = 4, num_classes: int = 19):
     """Source and target samples with their colour-coded labels, one sample pair per row.
 
-    The two domains of the benchmark (data-formats.md 4.1): columns are source image, source
+    The two domains of the benchmark (docs/data.md §7): columns are source image, source
     label, target image, target label. Datasets yield dicts with ``image`` ([3, H, W]) and
     ``label`` (train ids [H, W], 255 = ignore, drawn black); the first ``n`` items are shown.
     """
@@ -120,7 +120,7 @@ def _as_picture(panel) -> np.ndarray:
 
 
 def show_pseudo_labels(images, labels, maps: dict, delta_d: float, num_classes: int = 19, n: int = 3):
-    """Active target pixels against probability pseudo-labels (paper eq. (1)-(2), method-spec 3).
+    """Active target pixels against probability pseudo-labels (paper eq. (1)-(2), docs/method.md §3).
 
     One row per target image: the image, its ground truth (for the reader only; training never
     sees it), the margin between the second-nearest and nearest anchor with the Delta_d contour,
@@ -235,7 +235,7 @@ def plot_confusion(matrix, names, title: str):
 
 
 def plot_feature_space(panels: list[dict], num_classes: int = 19, title: str | None = None):
-    """Target pixel features against the category anchors in a 2-D projection (method-spec 2).
+    """Target pixel features against the category anchors in a 2-D projection (docs/method.md §2).
 
     Each panel is a dict with ``title``, ``points`` [N, 2], ``classes`` [N] (ground truth, for
     colour only), ``anchors`` [K, 2] and ``anchor_classes`` [K]: dots are pixels coloured by
@@ -263,7 +263,7 @@ def plot_feature_space(panels: list[dict], num_classes: int = 19, title: str | N
 
 def plot_anchor_distances(distances, names, delta_d: float, title: str):
     """Pairwise anchor distances (:func:`cag.analysis.anchor_separation`) of the classes that
-    have an anchor, annotated; the scale against which Delta_d is set (method-spec 2)."""
+    have an anchor, annotated; the scale against which Delta_d is set (docs/method.md §2)."""
     shown, labels = _present_square(distances, names)
     fig = _figure(0.45 * len(labels) + 2.6, 0.45 * len(labels) + 1.6)
     ax = fig.subplots()
@@ -329,7 +329,7 @@ def plot_margins(margins, correct, delta_d: float, title: str):
 
 def plot_delta_sweep(deltas, precision, recall, active, chosen: float, title: str):
     """Pixel-weighted precision, recall and active fraction of the anchor pseudo-labels
-    against Delta_d (method-spec 3): a larger margin buys precision with recall."""
+    against Delta_d (docs/method.md §3): a larger margin buys precision with recall."""
     fig = _figure(6.5, 3.4)
     ax = fig.subplots()
     for values, label in ((precision, "precision"), (recall, "recall"), (active, "active fraction")):

@@ -3,7 +3,7 @@
 The 35-row table is the one in ``cityscapesscripts/helpers/labels.py`` (MIT licence,
 Copyright (c) 2022 The Cityscapes Authors); ``tests/test_labels.py`` asserts it is equal.
 Every lookup table in this project maps to train ids with ``IGNORE_INDEX`` (255) for
-anything that is not evaluated (data-formats.md section 2).
+anything that is not evaluated (docs/data.md §4).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ LABELS: tuple[Label, ...] = (
 CLASSES_19: tuple[str, ...] = tuple(
     label.name for label in sorted((l for l in LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)
 )
-#: The SYNTHIA 16-class protocol: the 19 without terrain, truck and train (method-spec 6).
+#: The SYNTHIA 16-class protocol: the 19 without terrain, truck and train (docs/data.md §4).
 CLASSES_16: tuple[str, ...] = tuple(c for c in CLASSES_19 if c not in ("terrain", "truck", "train"))
 #: The SYNTHIA 13-class protocol (mIoU*): the 16 without wall, fence and pole.
 CLASSES_13: tuple[str, ...] = tuple(c for c in CLASSES_16 if c not in ("wall", "fence", "pole"))
@@ -78,7 +78,7 @@ CLASSES_13: tuple[str, ...] = tuple(c for c in CLASSES_16 if c not in ("wall", "
 CLASSES = {19: CLASSES_19, 16: CLASSES_16, 13: CLASSES_13}
 
 #: SYNTHIA-RAND-CITYSCAPES class ids (red channel of GT/LABELS) for the 16 classes, in
-#: CLASSES_16 order (method-spec 6; ProDA's ``valid_classes``).
+#: CLASSES_16 order (docs/data.md §4; ProDA's ``valid_classes``).
 SYNTHIA_IDS_16: tuple[int, ...] = (3, 4, 2, 21, 5, 7, 15, 9, 6, 1, 10, 17, 8, 19, 12, 11)
 #: SYNTHIA ids of the three classes outside the 16-class protocol (used by the 19-way table).
 SYNTHIA_IDS_EXTRA = {"terrain": 16, "truck": 18, "train": 20}
@@ -87,7 +87,7 @@ _NAME_TO_LABEL = {label.name: label for label in LABELS}
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:
-    """Class names of the 19-, 16- or 13-class protocol (data-formats.md section 2)."""
+    """Class names of the 19-, 16- or 13-class protocol (docs/data.md §4)."""
     if num_classes not in CLASSES:
         raise ValueError(f"num_classes must be one of 19, 16, 13; got {num_classes}")
     return CLASSES[num_classes]
@@ -104,7 +104,7 @@ def cityscapes_lut(num_classes: int = 19) -> np.ndarray:
     """256-entry table from Cityscapes labelIds (also GTA5 label ids) to train ids.
 
     With 19 classes this is the official trainId; with 16 or 13 the excluded classes become
-    ignore and the rest are renumbered contiguously in protocol order (data-formats.md 2.4).
+    ignore and the rest are renumbered contiguously in protocol order (docs/data.md §4).
     """
     names = class_names(num_classes)
     return _lut({_NAME_TO_LABEL[n].id: i for i, n in enumerate(names)})
@@ -118,9 +118,9 @@ def gta5_lut(num_classes: int = 19) -> np.ndarray:
 def synthia_lut(num_classes: int = 16) -> np.ndarray:
     """256-entry table from SYNTHIA class ids to train ids for 16, 13 or 19 classes.
 
-    19 classes map onto the Cityscapes train ids (the ADVENT-family table, data-formats.md 2.3:
+    19 classes map onto the Cityscapes train ids (the ADVENT-family table, docs/data.md §3:
     SYNTHIA's terrain 16, truck 18 and train 20 included); 16 and 13 are contiguous heads in
-    protocol order (data-formats.md 2.4).
+    protocol order (docs/data.md §4).
     """
     by_name = {**dict(zip(CLASSES_16, SYNTHIA_IDS_16)), **SYNTHIA_IDS_EXTRA}
     names = class_names(num_classes)

@@ -2,7 +2,7 @@
 
 One loop serves source-only, warm-up and CAG stages: each stage supplies a ``step`` function
 that maps a source and a target batch to its losses. The loop owns what must survive a crash
-(method-spec section 5; issue "resume"): the model, optimizers, the poly schedule, the random
+(docs/method.md §7-§8): the model, optimizers, the poly schedule, the random
 number state and the position in both data streams go into an atomically written checkpoint
 every ``train.checkpoint_interval`` iterations, so that killing the process and running the
 same command again continues where it stopped and, on CPU, ends with the same weights.
@@ -82,7 +82,7 @@ class ResumableBatchSampler:
 class Stream:
     """An endless iterator over a loader that remembers (epoch, batches consumed) for resume.
 
-    Ports the released code's endless ``DataProvider`` (method-spec 8, "not dead"). The loader
+    Ports the released code's endless ``DataProvider`` (the release's `data/DataProvider.py`). The loader
     has its own generator: starting an iterator draws a worker seed, which must not come from
     the global generator that dropout uses, or a resumed run would draw one number more.
     """
@@ -120,7 +120,7 @@ class Stream:
 
 
 def poly_lr(base_lr: float, iteration: int, horizon: int, power: float = 0.9) -> float:
-    """Poly schedule stepped before each iteration: lr_i = lr * (1 - i/horizon)^power (method-spec 5)."""
+    """Poly schedule stepped before each iteration: lr_i = lr * (1 - i/horizon)^power (docs/method.md §7-§8)."""
     return base_lr * max(0.0, 1.0 - iteration / horizon) ** power
 
 

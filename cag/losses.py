@@ -1,4 +1,4 @@
-"""CAG-UDA losses (method-spec 4): L = L_CE^s + L_CE^t + lam * (L_dis^s + L_dis^t).
+"""CAG-UDA losses (docs/method.md §5 and §7): L = L_CE^s + L_CE^t + lam * (L_dis^s + L_dis^t).
 
 - :func:`segmentation_ce`: pixel cross-entropy, mean over non-ignored pixels (L_CE^s).
 - :func:`target_pseudo_label_loss`: CE on the target pseudo-labels at stride 4 (L_CE^t).
@@ -51,7 +51,7 @@ def labelled_pixel_count(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
 
 def segmentation_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                     denominator: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Pixel cross-entropy averaged over non-ignored pixels (method-spec 4.1, L_CE^s).
+    """Pixel cross-entropy averaged over non-ignored pixels (docs/method.md §7, L_CE^s).
 
     Logits [B, C, h, w] of another size than labels [B, H, W] are first upsampled bilinearly
     with align_corners=True (the source CE at crop size). All pixels ignored: a zero that is
@@ -92,7 +92,7 @@ def pseudo_label_counts(anchor_labels: torch.Tensor | None, prob_labels: torch.T
 def target_pseudo_label_loss(logits: torch.Tensor, anchor_labels: torch.Tensor | None,
                              prob_labels: torch.Tensor | None, mode: str = "both",
                              ignore_index: int = IGNORE_INDEX, denominators: dict | None = None) -> torch.Tensor:
-    """Target CE on pseudo-labels at the logits' resolution, stride 4 (method-spec 4.2, L_CE^t).
+    """Target CE on pseudo-labels at the logits' resolution, stride 4 (docs/method.md §4, L_CE^t).
 
     ``"both"`` (released default): (CE(anchor PLA) + CE(probability PLA)) / 2, each a mean over
     its own labelled pixels; ``"anchor"`` (the paper's PLA) or ``"probability"`` alone.
@@ -114,7 +114,7 @@ def _pseudo_label_ce(logits, labels, name, ignore_index, denominator):
 
 class GradientRescale(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``scale`` (released
-    ``NormalisationPoolingFunction``, method-spec 4.3)."""
+    ``NormalisationPoolingFunction``, docs/method.md §5)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ def distance_loss_count(labels: torch.Tensor, num_classes: int, predictions: tor
 def faithful_distance_loss(features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
                            predictions: torch.Tensor, min_pixels: int = 10,
                            denominator: torch.Tensor | float | None = None) -> torch.Tensor:
-    """The released distance loss: SmoothL1 between class means and anchors (method-spec 4.3).
+    """The released distance loss: SmoothL1 between class means and anchors (docs/method.md §5).
 
     Per image n and class t: mask = (label == t) & (prediction == t), skipped below
     ``min_pixels``; v_nt = class mean over the mask, with its gradient rescaled by
@@ -195,7 +195,7 @@ def pixel_l2_distance_loss(features: torch.Tensor, labels: torch.Tensor, anchors
     """The paper's reading of L_dis: mean over labelled pixels j of ||f_j - a_{y_j}||_2.
 
     Poster: "L2 norm distance loss", abstract: "anchor-based pixel-level distance loss"
-    (method-spec 4, decision). Non-squared, like eq. (1); pixels labelled ignore do not count.
+    (docs/method.md §5.2). Non-squared, like eq. (1); pixels labelled ignore do not count.
     With ``denominator`` the sum over pixels is divided by it instead.
     """
     _check_spatial("features", features, "labels", labels)
@@ -211,7 +211,7 @@ def pixel_l2_distance_loss(features: torch.Tensor, labels: torch.Tensor, anchors
 def anchor_distance_loss(features: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
                          predictions: torch.Tensor | None = None, variant: str = "faithful",
                          min_pixels: int = 10, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Anchor distance loss L_dis (method-spec 4.3) on features [B, D, h, w], labels [B, h, w].
+    """Anchor distance loss L_dis (docs/method.md §5) on features [B, D, h, w], labels [B, h, w].
 
     ``variant="faithful"`` (default): :func:`faithful_distance_loss`, which needs the student's
     own argmax ``predictions`` [B, h, w]; ``variant="pixel_l2"``: :func:`pixel_l2_distance_loss`
@@ -270,7 +270,7 @@ def cag_loss(src_logits: torch.Tensor, src_labels: torch.Tensor, src_features: t
              anchor_valid: torch.Tensor | None = None, denominators: dict | None = None,
              src_predictions: torch.Tensor | None = None,
              tgt_predictions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Total CAG objective L = CE_s + CE_t + lam * (L_dis^s + L_dis^t) (method-spec 4.4).
+    """Total CAG objective L = CE_s + CE_t + lam * (L_dis^s + L_dis^t) (docs/method.md §7).
 
     Student logits and features are at stride 4; ``src_labels`` at crop size. The source CE
     upsamples the logits; the source distance loss uses the labels downsampled (nearest) to

@@ -1,9 +1,9 @@
 """Segmentation metrics: the confusion matrix, per-class IoU and the mIoU protocols.
 
-method-spec.md section 6: one confusion matrix is accumulated over the whole evaluation set,
+docs/method.md §12: one confusion matrix is accumulated over the whole evaluation set,
 pixels whose ground truth is not one of the evaluated classes are skipped,
 IoU_c = TP_c / (TP_c + FP_c + FN_c) and mIoU is the NaN-skipping mean over the classes.
-data-formats.md section 1: this equals the official Cityscapes evaluation
+docs/method.md §12: this equals the official Cityscapes evaluation
 (``cityscapesscripts``), which ``tests/test_metrics.py`` uses as the oracle, and the SYNTHIA
 16/13-class protocols are plain confusion matrices over those class subsets.
 """
@@ -20,7 +20,7 @@ from .labels import CLASSES_13, CLASSES_16, IGNORE_INDEX, class_names
 def iou_from_confusion(matrix: torch.Tensor, abstained: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class IoU_c = TP / (TP + FP + FN) from a [C, C] matrix (rows truth, columns prediction).
 
-    method-spec.md section 6. ``abstained[c]`` counts class-c pixels that were predicted as
+    docs/method.md §12. ``abstained[c]`` counts class-c pixels that were predicted as
     ignore: they are false negatives of c and false positives of no class. A class absent from
     both the ground truth and the prediction gets NaN. Returns float64 [C] on the CPU.
     """
@@ -40,7 +40,7 @@ def nan_mean(values: torch.Tensor) -> float:
 
 
 class ConfusionMatrix:
-    """The accumulated confusion matrix of a segmentation evaluation (method-spec.md section 6).
+    """The accumulated confusion matrix of a segmentation evaluation (docs/method.md §12).
 
     ``matrix`` is the [C, C] int64 matrix, rows = ground truth, columns = prediction.
 
@@ -112,12 +112,12 @@ class ConfusionMatrix:
             )
 
     def iou(self) -> torch.Tensor:
-        """Per-class IoU, float64 [C] on the CPU, NaN for absent classes (method-spec.md 6)."""
+        """Per-class IoU, float64 [C] on the CPU, NaN for absent classes (docs/method.md §12)."""
         self._raise_if_invalid()
         return iou_from_confusion(self.matrix, self.abstained)
 
     def miou(self) -> float:
-        """mIoU: the NaN-skipping mean of ``iou()`` (method-spec.md 6)."""
+        """mIoU: the NaN-skipping mean of ``iou()`` (docs/method.md §12)."""
         return nan_mean(self.iou())
 
     def pixel_accuracy(self) -> float:
@@ -164,7 +164,7 @@ def _require_16(cm: ConfusionMatrix) -> None:
 
 
 def miou_16(cm: ConfusionMatrix) -> float:
-    """SYNTHIA -> Cityscapes mIoU over 16 classes: the 16-class matrix's mIoU (method-spec.md 6)."""
+    """SYNTHIA -> Cityscapes mIoU over 16 classes: the 16-class matrix's mIoU (docs/method.md §12)."""
     _require_16(cm)
     return cm.miou()
 
@@ -172,7 +172,7 @@ def miou_16(cm: ConfusionMatrix) -> float:
 def miou13_from_16(iou16: torch.Tensor | Sequence[float]) -> float:
     """The standard mIoU* (AdaptSegNet, AdvEnt): mean of the 13 per-class IoUs of the 16-class run.
 
-    ``iou16`` is in ``CLASSES_16`` order (``ConfusionMatrix(16).iou()``); method-spec.md 6.
+    ``iou16`` is in ``CLASSES_16`` order (``ConfusionMatrix(16).iou()``); docs/method.md §12.
     """
     iou16 = torch.as_tensor(iou16, dtype=torch.float64)
     if iou16.shape != (len(CLASSES_16),):
@@ -181,7 +181,7 @@ def miou13_from_16(iou16: torch.Tensor | Sequence[float]) -> float:
 
 
 def miou13_ignore3(cm16: ConfusionMatrix) -> float:
-    """The "three classes ignored" 13-class mIoU of the CAG poster (method-spec.md 6, ISSUE #10).
+    """The "three classes ignored" 13-class mIoU of the CAG poster (docs/method.md §12, ``RogerZhangzz/CAG_UDA#10``).
 
     Rows and columns of wall, fence and pole are dropped from the 16-class matrix: pixels of
     those classes, and pixels predicted as them, leave the evaluation, which lowers FP and FN

@@ -1,16 +1,16 @@
 """The segmentation networks: DeepLab-v3+ (the released CAG-UDA network) and DeepLab-v2.
 
-method-spec section 1: CAG-UDA uses DeepLab-v3+ with a ResNet-101 backbone at output stride 16
-(the paper says v2; the author confirmed v3+, ISSUE #6). DeepLab-v2 is kept for comparison with
-the v2 baselines (method-spec section 8 item 1).
+docs/method.md §11: CAG-UDA uses DeepLab-v3+ with a ResNet-101 backbone at output stride 16
+(the paper says v2; the first author confirmed v3+ in ``RogerZhangzz/CAG_UDA#6``). DeepLab-v2 is kept for comparison with
+the v2 baselines (docs/paper-vs-code.md row 1).
 
 Every network returns ``(features, logits)`` from ``forward(x)``: ``features`` is the
 penultimate feature map the category anchors live in, ``logits`` the classifier output at the
 same resolution. ``model.output_stride`` is their stride relative to the input (a size ``s``
 becomes ``ceil(s / output_stride)``), ``model.feature_dim`` their channel count.
 
-Inputs are RGB in [0, 1] (``normalize="none"``, as the released code, method-spec section 8
-item 13) or ImageNet-normalised inside the model (``normalize="imagenet"``).
+Inputs are RGB in [0, 1] (``normalize="none"``, as the released code, docs/paper-vs-code.md
+row 11) or ImageNet-normalised inside the model (``normalize="imagenet"``).
 
 Module names reproduce the original key layout, so the authors' checkpoints load strictly
 (``cag.checkpoint.load_cag_uda_checkpoint``).
@@ -59,7 +59,7 @@ IMAGENET_WEIGHT_FILES = {
 def stage_layout(output_stride: int, depths, multi_grid: bool) -> tuple[tuple, list[list[int]]]:
     """Per-stage strides and per-block dilations of a ResNet at ``output_stride`` (16 or 8).
 
-    method-spec section 1: OS16 has strides [1, 2, 2, 1] and dilations [1, 1, 1, 2]; OS8 has
+    docs/method.md §11: OS16 has strides [1, 2, 2, 1] and dilations [1, 1, 1, 2]; OS8 has
     [1, 2, 1, 1] and [1, 1, 2, 4]. With ``multi_grid``, layer4's block j gets its stage
     dilation times ``MULTI_GRID[j mod 3]`` (``_make_MG_unit``: 2/4/8 at OS16, 4/8/16 at OS8).
     """
@@ -87,7 +87,7 @@ def make_stage(block, inplanes: int, planes: int, dilations: list[int], stride: 
 class ResNetBackbone(nn.Module):
     """A dilated ResNet with torchvision's key layout (no ``fc``), returning (layer1, layer4).
 
-    method-spec section 1: 7x7/2 conv stem and 3x3/2 max-pool, stride in the 3x3 conv. Layer1
+    docs/method.md §11: 7x7/2 conv stem and 3x3/2 max-pool, stride in the 3x3 conv. Layer1
     (the low-level feature) is at stride 4, layer4 at ``output_stride``. On backbones whose
     layer4 has fewer than 3 blocks the multi-grid uses the first entries of (1, 2, 4).
     """
@@ -129,7 +129,7 @@ class ImageNetNormalize(nn.Module):
 
 
 def input_normalization(normalize: str) -> nn.Module:
-    """The input transform for ``normalize`` ("none" or "imagenet"; method-spec section 8 item 13)."""
+    """The input transform for ``normalize`` ("none" or "imagenet"; docs/paper-vs-code.md row 11)."""
     choices = {"none": nn.Identity, "imagenet": ImageNetNormalize}
     if normalize not in choices:
         raise ValueError(f"normalize must be one of {sorted(choices)}, got {normalize!r}")
@@ -155,7 +155,7 @@ class ASPPBranch(nn.Module):
 
 
 class ASPP(nn.Module):
-    """DeepLab-v3+ atrous spatial pyramid pooling (method-spec section 1 "Head (ASPP)").
+    """DeepLab-v3+ atrous spatial pyramid pooling (docs/method.md §11).
 
     Five branches (1x1; three 3x3 at ``rates``; global pool -> 1x1 -> BN -> ReLU, broadcast back
     with bilinear align_corners=True), concatenated, then 1x1 -> BN -> ReLU -> Dropout(0.5).
@@ -180,7 +180,7 @@ class ASPP(nn.Module):
 
 
 class Decoder(nn.Module):
-    """DeepLab-v3+ decoder (method-spec section 1 "Decoder"), returning (features, logits).
+    """DeepLab-v3+ decoder (docs/method.md §11), returning (features, logits).
 
     Low-level feature -> 1x1 conv to ``low_level_dim`` -> BN -> ReLU; the ASPP output upsampled
     to it (bilinear, align_corners=True) and concatenated; ``last_conv`` = 3x3 conv, BN, ReLU,
@@ -207,7 +207,7 @@ class Decoder(nn.Module):
 def init_weights(model: nn.Module) -> None:
     """Kaiming-normal (fan_in) convs, zero biases, BN weight 1 and bias 0.
 
-    method-spec section 1 "Initialisation" (``init_weights`` of the released code).
+    docs/method.md §11 (``init_weights`` of the released code).
     """
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -222,7 +222,7 @@ def init_weights(model: nn.Module) -> None:
 def load_backbone_weights(backbone: ResNetBackbone, path) -> None:
     """Load a local torchvision ResNet state dict file into ``backbone`` strictly, ``fc.*`` dropped.
 
-    method-spec section 1: the ImageNet weights (``resnet101-5d3b4d8f.pth``) are copied by key
+    docs/method.md §11: the ImageNet weights (``resnet101-5d3b4d8f.pth``) are copied by key
     and ``fc`` is dropped. Never downloads; the file is read with the safe loader
     (:func:`cag.checkpoint.load_checkpoint`, ``weights_only``). Anything but a state dict whose
     keys and shapes are exactly the backbone's raises CheckpointError naming the file, the first
@@ -243,7 +243,7 @@ def load_backbone_weights(backbone: ResNetBackbone, path) -> None:
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLab-v3+, the released CAG-UDA network (method-spec section 1): ``(features, logits)``.
+    """DeepLab-v3+, the released CAG-UDA network (docs/method.md §11): ``(features, logits)``.
 
     ``features`` is the ``feature_dim``-channel decoder output after the second 3x3
     conv+BN+ReLU+Dropout(0.1) (``cls_feat``, non-negative; dropout noise in train mode),
@@ -305,8 +305,8 @@ class ASPPClassifier(nn.Module):
 class DeepLabV2(nn.Module):
     """DeepLab-v2 (ResNet at output stride 8 + ASPP classifier), returning (features, logits).
 
-    Backbone strides [1, 2, 1, 1], dilations [1, 1, 2, 4], no multi-grid (method-spec section
-    8 item 1: the paper's stated network, kept for fair comparison). The classifier reads
+    Backbone strides [1, 2, 1, 1], dilations [1, 1, 2, 4], no multi-grid (docs/paper-vs-code.md
+    row 1: the paper's stated network, kept for fair comparison). The classifier reads
     layer4's output directly, so that post-ReLU map (``feature_dim`` = 2048 for ResNet-101) is
     the only penultimate feature and the anchor feature space. Features and logits are at
     stride 8 (``ceil(H/8) x ceil(W/8)``).
@@ -334,7 +334,7 @@ ARCHITECTURES = {"deeplabv3plus": DeepLabV3Plus, "deeplabv2": DeepLabV2}
 
 
 def build_model(arch="deeplabv3plus", num_classes=19, backbone="resnet101", **kwargs) -> nn.Module:
-    """The network named ``arch``: "deeplabv3plus" (method-spec 1) or "deeplabv2" (spec 8 item 1)."""
+    """The network named ``arch``: "deeplabv3plus" (docs/method.md §11) or "deeplabv2" (docs/paper-vs-code.md row 1)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](num_classes=num_classes, backbone=backbone, **kwargs)

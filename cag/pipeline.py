@@ -1,4 +1,4 @@
-"""One command for the whole schedule (method-spec 8 item 12, section 9 "From-scratch pipeline").
+"""One command for the whole schedule (docs/method.md §8).
 
 source_only -> warmup -> anchors -> stage1 -> stage2 -> stage3 -> evaluate, each stage in its
 own directory under ``runs/<name>/``. A stage is skipped when ``done.json`` records the same
@@ -199,14 +199,15 @@ class Pipeline:
         return self.selected(stage)
 
     def evaluate_all(self, path: Path) -> dict:
-        """Score every stage's checkpoints named in ``eval.checkpoints`` (last and best-on-val by
-        default); write the run's ``summary.json``. The headline is the final stage's ``last``
-        checkpoint, or its ``best_val`` one when only that is scored."""
+        """Score the checkpoints named in ``eval.checkpoints`` (last and best-on-val by default) of
+        the training stages named in ``eval.stages`` (by default every stage that trained); write
+        the run's ``summary.json``. The headline is the final stage's ``last`` checkpoint, or its
+        ``best_val`` one when only that is scored."""
         cfg = self.cfg
         splits = [cfg.data.val_split] + ([cfg.data.test_split] if cfg.data.test_split else [])
         results = []
         for stage in [s for s in stage_names(cfg) if s not in ("anchors", "evaluate")]:
-            if (self.done(stage) or {}).get("skipped"):
+            if (self.done(stage) or {}).get("skipped") or (cfg.eval.stages is not None and stage not in cfg.eval.stages):
                 continue
             for kind in cfg.eval.checkpoints:
                 ckpt = self.stage_dir(stage) / f"{kind}.pt"

@@ -1,4 +1,4 @@
-"""Active target identification (ATI) and pseudo-label assignment (PLA) (method-spec 3).
+"""Active target identification (ATI) and pseudo-label assignment (PLA) (docs/method.md §3).
 
 Paper eq. (1): d_ijc = || f_c^s - f(x_i^t)_j ||_2, the (not squared) Euclidean distance between
 target feature j of image i and anchor c. Eq. (2): pixel j is active when the second-nearest
@@ -35,7 +35,7 @@ def anchor_distances(features: torch.Tensor, anchors: torch.Tensor) -> torch.Ten
 def nearest_anchor_margin(distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest class [B, h, w] and margin (second-nearest minus nearest distance) [B, h, w].
 
-    Uses ``topk(2, largest=False)`` (method-spec 8, item 16). With a single anchor there is no
+    Uses ``topk(2, largest=False)`` (docs/paper-vs-code.md row 17). With a single anchor there is no
     competitor, so eq. (2)'s "for every other class" holds vacuously: the margin is +inf.
     Among equally near anchors the lowest class index is the nearest (``argmin``).
     """
@@ -79,7 +79,7 @@ def anchor_pseudo_labels(features: torch.Tensor, anchors: torch.Tensor, delta_d=
 
 @torch.no_grad()
 def probability_pseudo_labels(logits: torch.Tensor, threshold=0.95, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Probability-based pseudo-labels [B, h, w] (method-spec 3, released ``threshold_arg``).
+    """Probability-based pseudo-labels [B, h, w] (docs/method.md §4, released ``threshold_arg``).
 
     Label c where softmax p_c > threshold_c, else ``ignore_index``; ``threshold`` is a float or
     a per-class tensor [C]. With thresholds >= 0.5 at most one class can pass, as in the

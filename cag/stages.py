@@ -1,4 +1,4 @@
-"""The stages of the CAG-UDA schedule (method-spec sections 5 and 9), each a function.
+"""The stages of the CAG-UDA schedule (docs/method.md §6-§8), each a function.
 
 ``source_only`` trains on labelled source crops; ``warmup`` adds the global output-space
 adversarial alignment (a reconstruction: the authors never released theirs); ``compute_anchors``
@@ -53,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
 def backend_flags(device_type: str, tf32: bool = False) -> dict:
     """Set the process-wide numerics flags of a run on ``device_type``; return what was set.
 
-    CUDA: cuDNN autotuning on (method-spec 5) and TF32 for float32 matmuls and cuDNN convolutions
+    CUDA: cuDNN autotuning on and TF32 for float32 matmuls and cuDNN convolutions
     exactly as ``tf32`` says; PyTorch's own default allows TF32 in cuDNN convolutions, so the
     released float32 (``train.precision=released``) switches it off. CPU: deterministic algorithms
     (bit-reproducible runs); TF32 does not exist there and its flags are left alone.
@@ -180,7 +180,7 @@ def target_dataset(cfg: Config, split: str, labels: bool):
 
 
 def train_stream(cfg: Config, dataset, resize, batch_size: int, seed: int, device: torch.device) -> Stream:
-    """Augmented, endless batches (method-spec 5: resize, random width, crop, flip, [0, 1])."""
+    """Augmented, endless batches (docs/data.md §6: resize, random width, crop, flip, [0, 1])."""
     from .data import transforms
 
     transform = transforms.train_transform(
@@ -263,14 +263,14 @@ def _unwrap(model):
 
 
 def _sgd(params, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9 and weight decay 2e-4 (method-spec 5, 'Optimiser / schedule')."""
+    """SGD with momentum 0.9 and weight decay 2e-4 (docs/method.md §7-§8)."""
     return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
 
 
 def _micro_batch(cfg: Config) -> int:
     """Images per forward pass: the batch split into ``train.grad_accum`` equal parts (validated in config).
 
-    Every loss of a step is normalised once for the whole step (issue 14): each micro-batch's
+    Every loss of a step is normalised once for the whole step: each micro-batch's
     loss is its *sum* over items divided by a denominator from
     :func:`cag.distributed.global_denominators`, the items of all micro-batches of the step on
     all ranks, so ``grad_accum=k`` on N processes optimises exactly the objective of one
@@ -303,7 +303,7 @@ def _write_summary(stage_dir: Path, cfg: Config, state, device: torch.device, st
 
 
 def supervised_stage(cfg: Config, stage_dir: Path, fingerprint: str, *, domain: str = "source", init=None) -> dict:
-    """Source-only training (method-spec 9, step 2a), or the target-trained upper bound.
+    """Source-only training (docs/method.md §8), or the target-trained upper bound.
 
     Pixel cross-entropy on augmented labelled crops. ``domain="target"`` trains on the target
     train split's labels instead: the oracle no adaptation method may use. The CE is a mean
@@ -357,7 +357,7 @@ def _freeze_bn(model: nn.Module) -> None:
 
 
 def warmup_stage(cfg: Config, stage_dir: Path, fingerprint: str, init) -> dict:
-    """The warm-up: source CE plus global output-space adversarial alignment (method-spec 5, 9 step 2b).
+    """The warm-up: source CE plus global output-space adversarial alignment (docs/method.md §6).
 
     A reconstruction, labelled so in the book: D is an AdaptSegNet ``FCDiscriminator`` on the
     softmax of the crop-size logits, trained with Adam (lr_d, betas 0.9/0.99); the network is
@@ -442,7 +442,7 @@ def anchor_dataset(cfg: Config):
 
 @torch.no_grad()
 def compute_anchors(cfg: Config, stage_dir: Path, model_path) -> dict:
-    """Category anchors from the warm-up model over source images (method-spec 2, ``cac.py``).
+    """Category anchors from the warm-up model over source images (docs/method.md §2, ``cac.py``).
 
     No augmentation; images at ``anchors.resize`` (the released 1914x1052); ``anchors.num_images``
     images in a seeded shuffled order (released: 2,972 x 4); labels downsampled with nearest to
@@ -538,7 +538,7 @@ def cag_train_step(cfg: Config, student: nn.Module, teacher: nn.Module, anchors:
                    xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, device: torch.device,
                    yt: torch.Tensor | None = None, *, pseudo_labels: tuple | None = None,
                    predictions: tuple | None = None, denominators: dict | None = None) -> dict:
-    """Forward pass and losses of one CAG iteration (method-spec 3-4); the caller runs backward.
+    """Forward pass and losses of one CAG iteration (docs/method.md §3-§7); the caller runs backward.
 
     The frozen pseudo-labeller labels the target crop (active targets, eq. 1-2, and probability
     pseudo-labels); the student sees the source and target crops in separate passes (per-domain
@@ -585,7 +585,7 @@ _CAG_TERMS = ("total", "ce_source", "ce_target", "dist_source", "dist_target")
 
 
 def cag_stage(cfg: Config, stage_dir: Path, fingerprint: str, init, anchors_path) -> dict:
-    """One CAG stage (method-spec 3-5): student and frozen pseudo-labeller both start at ``init``.
+    """One CAG stage (docs/method.md §3-§8): student and frozen pseudo-labeller both start at ``init``.
 
     Each iteration the frozen model labels the same augmented target crop the student sees:
     active targets by the anchor margin test (eq. 1-2, ``cag.delta_d``) and probability
@@ -651,7 +651,7 @@ def cag_stage(cfg: Config, stage_dir: Path, fingerprint: str, init, anchors_path
 
 
 def evaluate(cfg: Config, checkpoint, split: str) -> dict:
-    """mIoU and per-class IoU of a checkpoint on a target split (method-spec 6).
+    """mIoU and per-class IoU of a checkpoint on a target split (docs/method.md §12).
 
     Full resolution, single scale unless ``eval.flip``/``eval.scales`` say otherwise; for a
     16-class model the standard 13-class mIoU* (from the 16 per-class IoUs) is added.

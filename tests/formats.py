@@ -1,6 +1,6 @@
 """Fixture writers: tiny GTA5, SYNTHIA and Cityscapes copies in the exact on-disk formats.
 
-data-formats.md 2.6: nothing binary is committed; tests write what they need under ``tmp_path``
+Nothing binary is committed (docs/data.md §1-§3 describes the formats); tests write what they need under ``tmp_path``
 with the ``cag.data.io`` writers (GTA5 palette PNGs, Cityscapes 8-bit ``labelIds`` plus 16-bit
 ``instanceIds`` and colour PNGs, SYNTHIA 16-bit 3-channel PNGs with the class in R and a non-zero
 instance in G). Import from a test as ``from formats import make_gta5`` (pytest puts ``tests/``

@@ -1,4 +1,4 @@
-"""Category anchors: accumulation rules, files, and the authors' shipped anchors (method-spec 2)."""
+"""Category anchors: accumulation rules, files, and the authors' shipped anchors (docs/method.md §2)."""
 import os
 from pathlib import Path
 
@@ -226,7 +226,7 @@ def test_shipped_category_anchors():
     assert distances.min().item() == pytest.approx(4.78, abs=0.005)
 
 
-# --- the anchor pass over frames of several sizes (issue 14, item 2) --------------------------
+# --- the anchor pass over frames of several sizes (docs/data.md §2) ---------------------------------
 
 def test_anchor_pass_batches_frames_of_other_sizes(tmp_path):
     """GTA5 has 1914x1046 frames among its 1914x1052 ones. The anchor pass resizes image

@@ -1,4 +1,4 @@
-"""The benchmark suite (``cag.bench``, issue 8): smoke mode, record fields, bookkeeping.
+"""The benchmark suite (``cag.bench``, benchmarks/NOTES.md): smoke mode, record fields, bookkeeping.
 
 No timing thresholds: the smoke run only has to produce well-formed records; the hand-checked
 parts are the bookkeeping (speed-ups, the schedule estimate, host-sync counts, error records).

@@ -40,6 +40,9 @@ PAGE_REPORT = """(async () => {
     output_tables: document.querySelectorAll('.cell_output table').length,
     unresolved_glue: [...document.querySelectorAll('.pasted-text, .pasted-inline')].filter(e => !e.textContent.trim()).length,
     text_length: document.body.innerText.length,
+    code_blocks: document.querySelectorAll('pre').length,
+    cut_code: [...document.querySelectorAll('pre')].filter(p => p.scrollWidth > p.clientWidth + 1)
+                .map(p => p.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '').slice(0, 80)),
   };
 })()"""
 
@@ -172,6 +175,7 @@ def test_every_page_renders_offline_with_maths_images_and_no_errors(html, browse
             problems.append(f"{name}: {r['raw_tables']} cell outputs show a Markdown table as raw text")
         if r["unresolved_glue"]:
             problems.append(f"{name}: {r['unresolved_glue']} empty glued values")
+        problems += [f"{name}: a code line runs past the column and is cut: {line!r}" for line in r["cut_code"]]
     assert not problems, "\n".join(problems)
     assert sum(r["typeset"] for r in reports.values()) > 10, "no page typeset any maths"
     assert sum(len(r["images"]) for r in reports.values()) > 10, "the chapters show almost no figures"

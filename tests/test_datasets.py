@@ -1,6 +1,6 @@
 """GTA5, SYNTHIA and Cityscapes loaders and the dataset checker, on fixtures in the exact formats.
 
-Expected train-id maps are written out by hand from data-formats.md 2.2-2.4 and method-spec 6,
+Expected train-id maps are written out by hand from docs/data.md §2-§4,
 independently of ``cag.labels``.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from formats import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Cityscapes labelId -> trainId (data-formats.md 2.4; GTA5 uses the same ids).
+# Cityscapes labelId -> trainId (docs/data.md §4; GTA5 uses the same ids).
 CITYSCAPES_19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                  25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 # SYNTHIA protocols on Cityscapes GT: terrain 22, truck 27, train 31 ignored, the rest contiguous.
@@ -47,7 +47,7 @@ CITYSCAPES_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 23
                  26: 12, 28: 13, 32: 14, 33: 15}
 CITYSCAPES_13 = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
 CITYSCAPES = {19: CITYSCAPES_19, 16: CITYSCAPES_16, 13: CITYSCAPES_13}
-# SYNTHIA class id -> train id (data-formats.md 2.3 and method-spec 6, ProDA's valid_classes).
+# SYNTHIA class id -> train id (docs/data.md §3-§4, ProDA's valid_classes).
 SYNTHIA_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12,
               19: 13, 12: 14, 11: 15}
 SYNTHIA_13 = {3: 0, 4: 1, 2: 2, 15: 3, 9: 4, 6: 5, 1: 6, 10: 7, 17: 8, 8: 9, 19: 10, 12: 11, 11: 12}
@@ -110,7 +110,7 @@ def test_void_ids_become_ignore(tmp_path):
 
 
 def test_synthia_labels_are_not_read_with_pillow(tmp_path):
-    """Regression for the Pillow trap (data-formats.md 2.3): PIL reads the class channel as zeros."""
+    """Regression for the Pillow trap (docs/data.md §3): PIL reads the class channel as zeros."""
     ids = id_cycle(23)
     make_synthia(tmp_path, {"0000000.png": ids})
     label_file = tmp_path / "GT" / "LABELS" / "0000000.png"

@@ -1,4 +1,4 @@
-"""The core computes the same thing on every device (issue 3: "works on CPU and CUDA").
+"""The core computes the same thing on every device (CPU and CUDA).
 
 Each test runs the CPU computation and the same computation on ``device``; the ``cpu``
 parameter checks the test itself (and the device plumbing: tensors moved, no CPU-only call),
@@ -105,7 +105,7 @@ def test_confusion_matrix_matches_the_cpu(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_cag_training_step_matches_the_cpu(device):
     """Network forward (eval and train mode), pseudo-labels, all losses and the backward pass of
-    one CAG iteration on the benchmark's network (method-spec 3-4). Dropout is set to 0: its
+    one CAG iteration on the benchmark's network (docs/method.md §3-§7). Dropout is set to 0: its
     masks come from a different generator on each device."""
     cfg = load_config(REPO / "configs" / "synthetic.yaml", params={"device": "cpu", "cag.delta_d": 0.5})
     torch.manual_seed(0)

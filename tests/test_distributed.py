@@ -1,7 +1,7 @@
 """Several processes on CPU (gloo): the same training as one process with the same global batch.
 
 Every loss is a mean over the whole global batch, whatever the number of processes and of
-gradient-accumulation micro-batches (issue 14): the source labels below have void pixels in
+gradient-accumulation micro-batches: the source labels below have void pixels in
 unequal numbers per image, so the two ranks' halves of a batch (and the micro-batches of a step)
 average over different numbers of pixels, pseudo-labels and (image, class) pairs. The
 references are independent runs: one process holding the whole batch in one forward pass.
@@ -142,7 +142,7 @@ def test_torchrun_runs_the_cli_on_two_processes(bench, tmp_path):
     assert summary["world_size"] == 2 and summary["iters"] == 2
 
 
-# ---- one objective on any number of processes and micro-batches (issue 14) ---------------------------
+# ---- one objective on any number of processes and micro-batches ---------------------------------------
 
 STAGES = ("source_only", "warmup", "cag")
 RUN_SETTINGS = [

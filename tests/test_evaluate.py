@@ -1,4 +1,4 @@
-"""Full-resolution evaluation (cag.evaluate, method-spec section 6) against hand-derived values.
+"""Full-resolution evaluation (cag.evaluate, docs/method.md §12) against hand-derived values.
 
 The models here are stubs whose logits are known exactly, so the confusion matrix, the
 flip average and the multi-scale resizing can be written down by hand.

@@ -183,7 +183,7 @@ def test_run_config_names_the_strength_and_a_data_root_per_preset_and_strength(m
 
 @pytest.mark.parametrize("table", [ex.PAPER_GTA5, ex.PAPER_SYNTHIA13])
 def test_quoted_paper_rows_average_to_their_stated_miou(table):
-    """method-spec 7: every row averages to its mIoU within rounding, except CAG-UDA on GTA5 (50.09 vs 50.2)."""
+    """The poster's tables: every row averages to its mIoU within rounding, except CAG-UDA on GTA5 (50.09 vs 50.2)."""
     for name, values in table["rows"].items():
         assert len(values) == len(table["classes"])
         mean = sum(values[:-1]) / (len(values) - 1)

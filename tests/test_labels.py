@@ -1,4 +1,4 @@
-"""The label table and the id -> train-id lookup tables (data-formats.md sections 1-2, method-spec 6).
+"""The label table and the id -> train-id lookup tables (docs/data.md §4).
 
 Expected values are written out by hand from the tables in the reference documents, not
 derived from ``cag.labels`` itself.
@@ -10,7 +10,7 @@ import torch
 from cag import labels
 from cag.labels import IGNORE_INDEX
 
-# Cityscapes labelId -> trainId (data-formats.md 2.4; AdaptSegNet, ADVENT, ProDA, CAG agree).
+# Cityscapes labelId -> trainId (docs/data.md §4; AdaptSegNet, ADVENT, ProDA, CAG agree).
 CITYSCAPES_19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
                  23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 # 16 classes: terrain (22), truck (27), train (31) ignored, the rest contiguous.
@@ -19,11 +19,11 @@ CITYSCAPES_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8,
 # 13 classes: also wall (12), fence (13), pole (17) ignored.
 CITYSCAPES_13 = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5,
                  23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
-# SYNTHIA README ids (data-formats.md 2.3) in ProDA's valid_classes order (method-spec 6).
+# SYNTHIA README ids (docs/data.md §3) in ProDA's valid_classes order (docs/data.md §4).
 SYNTHIA_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8,
               1: 9, 10: 10, 17: 11, 8: 12, 19: 13, 12: 14, 11: 15}
 SYNTHIA_13 = {3: 0, 4: 1, 2: 2, 15: 3, 9: 4, 6: 5, 1: 6, 10: 7, 17: 8, 8: 9, 19: 10, 12: 11, 11: 12}
-# The ADVENT-family 19-way mapping onto Cityscapes train ids (data-formats.md 2.3).
+# The ADVENT-family 19-way mapping onto Cityscapes train ids (docs/data.md §3).
 SYNTHIA_19 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
               10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
 

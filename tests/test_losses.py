@@ -1,4 +1,4 @@
-"""Losses: CE, target pseudo-label CE, both distance-loss variants, the total (method-spec 4)."""
+"""Losses: CE, target pseudo-label CE, both distance-loss variants, the total (docs/method.md §5 and §7)."""
 import math
 
 import pytest

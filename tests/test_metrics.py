@@ -1,5 +1,5 @@
-"""The confusion-matrix metric (method-spec.md section 6) against hand counts and the official
-Cityscapes evaluation (data-formats.md section 1)."""
+"""The confusion-matrix metric (docs/method.md §12) against hand counts and the official
+Cityscapes evaluation (docs/data.md §4)."""
 import importlib
 import math
 
@@ -251,7 +251,7 @@ def test_protocol_helpers_refuse_other_class_counts():
 
 # ---------------------------------------------------------------- oracle: cityscapesscripts
 
-# Cityscapes ids that get ignoreInEval=True for the SYNTHIA protocols (data-formats.md 1).
+# Cityscapes ids that get ignoreInEval=True for the SYNTHIA protocols (docs/data.md §4).
 NOT_IN_16 = (22, 27, 31)  # terrain, truck, train
 NOT_IN_13 = NOT_IN_16 + (12, 13, 17)  # and wall, fence, pole
 ABSENT_ID = 32  # motorcycle: in no GT and no prediction, so NaN on both sides

@@ -1,7 +1,7 @@
 """The networks: the released key layout, strides and shapes, and a functional oracle.
 
 The oracle re-computes DeepLab-v3+ R101 OS16 from a state dict with plain ``torch.nn.functional``
-calls and the numbers of method-spec section 1 (strides, dilations, multi-grid, ASPP rates,
+calls and the numbers of docs/method.md §11 (strides, dilations, multi-grid, ASPP rates,
 align_corners=True), independently of the module code.
 """
 import json
@@ -192,7 +192,7 @@ def test_bad_arguments_are_named():
         meta_model(normalize="caffe")
 
 
-# --- the functional oracle (method-spec section 1) -------------------------------------------
+# --- the functional oracle (docs/method.md §11) -------------------------------------------
 
 def _conv(x, sd, name, stride=1, dilation=1):
     weight = sd[f"{name}.weight"]
@@ -219,7 +219,7 @@ def _bottleneck(x, sd, name, stride, dilation):
 
 
 def reference_forward(sd, x):
-    """DeepLab-v3+ R101 OS16 with multi-grid (1, 2, 4), written from method-spec section 1."""
+    """DeepLab-v3+ R101 OS16 with multi-grid (1, 2, 4), written from docs/method.md §11."""
     x = F.max_pool2d(_conv_bn_relu(x, sd, "backbone.conv1", "backbone.bn1", stride=2), 3, 2, 1)
     plan = {1: (1, [1] * 3), 2: (2, [1] * 4), 3: (2, [1] * 23), 4: (1, [2, 4, 8])}
     for stage, (stride, block_dilations) in plan.items():

@@ -89,6 +89,112 @@ def test_every_figure_has_alt_text_and_every_quoted_number_is_glued(path):
     assert quoted <= glued, f"{path.name}: quotes numbers it never glued: {sorted(quoted - glued)}"
 
 
+# ----------------------------------------------------------------------------- what Jupyter shows
+
+GLUE_REFERENCE = re.compile(r"\{glue(?::text)?\}`([^`:]+)(?::([^`]*))?`")
+#: Chapters whose quoted numbers nbval must compare: the training chapters.
+NUMBERS_CHECKED = ("03_", "04_", "05_", "06_", "07_")
+
+
+def formatted_glue(raw: str, spec: str | None) -> str:
+    """A glued value as ``{glue:text}`key:spec``` renders it (myst-nb formats the literal)."""
+    import ast
+
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw.strip("'\"")
+    return format(value, spec) if spec else str(value)
+
+
+def printed_outputs(cell) -> str:
+    """What a code cell shows a Jupyter reader: its outputs, glue records excluded."""
+    return "\n".join(output_text(o) for o in cell.outputs if "scrapbook" not in o.get("metadata", {}))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_a_chapter_opened_in_jupyter_shows_its_code_and_numbers(path):
+    """No code that exists only through an include directive, no number only through glue: the
+    .ipynb itself prints every glued number (in a cell nbval compares, for the training chapters)
+    and shows the package's code as a ``cag.listing`` output that nbval compares."""
+    nb = nbformat.read(path, as_version=4)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "{literalinclude}" not in markdown and "{include}" not in markdown, \
+        f"{path.name}: code shown only in the HTML book (literalinclude); show it with cag.listing.listing(...)"
+    glued = book.glued_values(nb)
+    checked = path.name.startswith(NUMBERS_CHECKED)
+    missing = []
+    for key, spec in GLUE_REFERENCE.findall(markdown):
+        if key not in glued:
+            continue  # test_every_figure_has_alt_text_and_every_quoted_number_is_glued names it
+        shown = formatted_glue(glued[key], spec or None)
+        cells = [c for c in code_cells(nb) if shown in printed_outputs(c)]
+        if checked:
+            cells = [c for c in cells if "nbval-check-output" in c.metadata.get("tags", [])]
+        if not cells:
+            missing.append(f"{key} = {shown}")
+    assert not missing, (f"{path.name}: numbers the prose quotes but no cell prints"
+                         f"{' (in a cell tagged nbval-check-output)' if checked else ''}: {missing}")
+    for n, cell in enumerate(code_cells(nb), start=1):
+        if "listing(" in cell.source:
+            assert "nbval-check-output" in cell.metadata.get("tags", []), \
+                f"{path.name} cell [{n}]: a cag.listing output that nbval does not compare"
+            assert any(re.search(r"^# cag/\S+\.py, lines \d+-\d+", output_text(o), re.M) for o in cell.outputs), \
+                f"{path.name} cell [{n}]: calls listing() but shows no package source"
+
+
+#: Each rule of the method, displayed as an equation in the markdown cell right before the cell
+#: that lists the one public function implementing it (chapter prefix -> listed names).
+RULES = {
+    "03_": ("discriminator_loss", "generator_adversarial_loss"),             # the adversarial warm-up
+    "04_": ("AnchorAccumulator",),                                           # both anchor rules
+    "05_": ("anchor_pseudo_labels", "probability_pseudo_labels"),            # active targets, eq. (1)-(2)
+    "06_": ("faithful_distance_loss", "pixel_l2_distance_loss", "target_pseudo_label_loss", "cag_loss"),
+    "07_": ("cag_train_step",),                                              # the objective of a stage
+}
+
+
+@pytest.mark.parametrize("prefix", sorted(RULES))
+def test_every_rule_is_an_equation_next_to_its_function(prefix):
+    path = next(p for p in NOTEBOOKS if p.name.startswith(prefix))
+    cells = nbformat.read(path, as_version=4).cells
+    for name in RULES[prefix]:
+        listed = [i for i, c in enumerate(cells) if c.cell_type == "code"
+                  and re.search(rf"listing\([^)]*\b{name}\b", c.source)]
+        assert listed, f"{path.name}: no cell lists {name}"
+        before = cells[listed[0] - 1]
+        assert before.cell_type == "markdown" and "$$" in before.source, \
+            f"{path.name}: the cell before the listing of {name} displays no equation"
+    if prefix == "07_":
+        assert any("Algorithm" in c.source and ":::{admonition}" in c.source for c in cells if c.cell_type == "markdown"), \
+            f"{path.name}: no algorithm box for the whole schedule"
+
+
+def test_chapter_0_places_cag_in_its_field_with_a_sourced_table():
+    """Chapter 0 opens the book; its table of the field names each number's source (a link a
+    reader can open) and covers ProDA, DAFormer, HRDA, MIC and a foundation-model method."""
+    assert NOTEBOOKS[0].name == "00_field.ipynb"
+    markdown = "\n".join(c.source for c in nbformat.read(NOTEBOOKS[0], as_version=4).cells if c.cell_type == "markdown")
+    header = next(line for line in markdown.splitlines() if line.startswith("| method |"))
+    for column in ("year", "network", "GTA5", "SYNTHIA", "source"):
+        assert column in header, column
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and line.count("|") == header.count("|")
+            and not line.startswith(("| method", "|---"))]
+    for method in ("ProDA", "DAFormer", "HRDA", "MIC", "DINOv2"):
+        assert any(method in row for row in rows), f"no row for {method}"
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        numbers = [c for c in cells[3:5] if re.match(r"\d", c)]
+        if numbers:
+            assert "](https://" in cells[5], f"a number without a source a reader can open: {row[:80]}"
+
+
+def test_formatted_glue_matches_myst_nb():
+    assert formatted_glue("0.32517", ".3f") == "0.325"
+    assert formatted_glue("0.1234", ".1%") == "12.3%"
+    assert formatted_glue("12", None) == "12" and formatted_glue("'road'", None) == "road"
+
+
 # ----------------------------------------------------------------------------- the cag.book tool
 
 

@@ -74,6 +74,9 @@ def test_shipped_configs_validate():
     ("eval.checkpoints=[last,last]", "eval.checkpoints: expected one or both of last, best_val without repeats"),
     ("eval.checkpoints=[]", "eval.checkpoints: expected one or both of last, best_val"),
     ("eval.checkpoints=[final]", "eval.checkpoints: expected one or both of last, best_val"),
+    ("eval.stages=[stage1]", "including the final one (stage3, the run's headline)"),
+    ("eval.stages=[stage3,stage9]", "eval.stages: expected training stages among source_only, warmup, stage1"),
+    ("eval.stages=[anchors,stage3]", "eval.stages: expected training stages"),
 ])
 def test_bad_values_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError) as err:
@@ -158,6 +161,13 @@ def test_evaluate_scores_the_checkpoints_asked_for(bench, tmp_path):
     assert summary["headline"] == {"stage": "stage1", "checkpoint": "best_val", "split": "test"}
     assert summary["miou"] == next(r["miou"] for r in summary["results"]
                                    if r["stage"] == "stage1" and r["split"] == "test")
+    # eval.stages: only the stages named are scored (evaluate runs again: its fingerprint changed)
+    Pipeline(synthetic_cfg(bench, tmp_path, "cag.stages=1", "eval.checkpoints=[best_val]",
+                           "eval.stages=[warmup,stage1]")).run()
+    again = json.loads((tmp_path / "synthetic" / "summary.json").read_text())
+    assert [(r["stage"], r["split"]) for r in again["results"]] == \
+        [("warmup", "val"), ("warmup", "test"), ("stage1", "val"), ("stage1", "test")]
+    assert again["miou"] == summary["miou"]
 
 
 def test_one_stage_needs_its_inputs(bench, tmp_path):

@@ -1,4 +1,4 @@
-"""ATI and PLA: anchor distances, the delta_d rule, probability pseudo-labels, quality (method-spec 3)."""
+"""ATI and PLA: anchor distances, the delta_d rule, probability pseudo-labels, quality (docs/method.md §3)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Regression check on the built-in benchmark (issue 7, item 4): CAG must stay above source-only.
+"""Regression check on the built-in benchmark (results/README.md): CAG must stay above source-only.
 
 A short run of the real pipeline on a fixed seed: a reduced ``class``-preset benchmark at its
 calibrated default strength, source-only training, the anchors and one CAG stage started from
@@ -45,14 +45,13 @@ def test_cag_stays_above_source_only_on_the_held_out_split(tmp_path, one_thread)
     """CAG stage 1 must beat source-only by at least MARGIN_POINTS = 3 mIoU points on ``test``.
 
     Measured on this seed: source-only 34.1, CAG stage 1 40.6 mIoU (+6.5 points). The margin
-    is half the measured gain: far above cross-machine float differences (data-formats.md
-    4.3 allows 0.5 point) and harmless code changes, and it fails when the pseudo-labels go
+    is half the measured gain: far above cross-machine float differences and harmless code changes, and it fails when the pseudo-labels go
     wrong (with the anchor pseudo-labels shifted to the next class the stage falls below it).
     What it cannot see: the same stage with all target losses switched off (no anchor
     label passes a margin of 1e6, lam = 0) still gained +5.3 points here, from 120 more
     source iterations with the target batches in train mode (their BatchNorm statistics).
     CAG's own contribution is measured over 3 seeds by the benchmark's ``no_target_losses``
-    ablation (results/ablations.csv), and issue 7's 5-point target is a 3-seed mean of the
+    ablation (results/ablations.csv), and the benchmark's 5-point target is a 3-seed mean of the
     full schedule, not this run.
     """
     from cag import stages

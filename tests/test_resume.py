@@ -1,6 +1,6 @@
 """Kill ``python -m cag run`` with SIGKILL again and again: each rerun resumes, and the end is exact.
 
-Issue 9 item 3 (and issue 5): a training subprocess is killed five times in a row, rerunning the
+docs/robustness.md §3: a training subprocess is killed five times in a row, rerunning the
 same command after each kill: at random moments (after a seeded random number of checkpoints
 and a seeded random delay) and inside a checkpoint write (the moment its temporary file exists).
 Then:

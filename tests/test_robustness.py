@@ -1,4 +1,4 @@
-"""Robustness and security (issue 9): bad configuration, faults during a run, untrusted files.
+"""Robustness and security (docs/robustness.md): bad configuration, faults during a run, untrusted files.
 
 What the issue asks and where each item is tested (docs/robustness.md is the full table):
 

@@ -1,4 +1,4 @@
-"""The mini street scenes benchmark (data-formats.md section 4) and the domains figure."""
+"""The mini street scenes benchmark (docs/data.md §7) and the domains figure."""
 import json
 import os
 
@@ -367,7 +367,7 @@ def test_show_domains_draws_images_and_coloured_labels():
 
 def test_source_frames_of_other_sizes(tmp_path):
     """``source_sizes``: some source frames at another size, as GTA5's 1914x1046 among 1914x1052
-    (issue 14); recorded in the manifest, so an unchanged call does no work."""
+    (docs/data.md §2); recorded in the manifest, so an unchanged call does no work."""
     manifest = small_benchmark(tmp_path, synthia=True, source_sizes={1: (30, 64)})
     assert manifest["parameters"]["source_sizes"] == {"1": [30, 64]}
     for i, size in ((0, SMALL), (1, (30, 64)), (2, SMALL)):

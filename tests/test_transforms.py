@@ -1,4 +1,4 @@
-"""Joint image/label transforms (method-spec 5): shapes, label values, determinism, geometry."""
+"""Joint image/label transforms (docs/data.md §6): shapes, label values, determinism, geometry."""
 from __future__ import annotations
 
 import numpy as np

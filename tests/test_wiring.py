@@ -1,4 +1,4 @@
-"""Wiring between the modules, checked against hand-derived values (issue 14, item 7).
+"""Wiring between the modules, checked against hand-derived values.
 
 Each test names the mutation it guards against: a change in how one module hands an argument
 to the next (the anchor validity mask, the poly power, the head's learning-rate multiplier,

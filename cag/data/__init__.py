@@ -1,7 +1,7 @@
 """Data: the real datasets (GTA5, SYNTHIA, Cityscapes), their joint transforms, and file formats.
 
-``cag.data.datasets`` reads the on-disk layouts of data-formats.md section 2,
-``cag.data.transforms`` is the released augmentation (method-spec section 5) and
+``cag.data.datasets`` reads the on-disk layouts of docs/data.md §1-§3,
+``cag.data.transforms`` is the released augmentation (docs/data.md §6) and
 ``cag.data.io`` the exact file formats. The built-in benchmark generator lives in
 ``cag.data.synthetic`` (import it explicitly).
 """

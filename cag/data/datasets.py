@@ -1,7 +1,7 @@
 """GTA5, SYNTHIA-RAND-CITYSCAPES and Cityscapes as map-style datasets, and a checker for a copy.
 
-Layouts and encodings follow data-formats.md section 2; the label mappings are method-spec
-sections 5-6 (``cag.labels``). Each item is a dict:
+Layouts and encodings follow docs/data.md §1-§3; the label mappings are docs/data.md §4
+(``cag.labels``). Each item is a dict:
 
 - ``image``: uint8 [3, H, W] without a transform, float [3, h, w] after ``cag.data.transforms``;
 - ``label``: int64 [H, W] train ids, 255 = ignore (absent for unlabeled data);
@@ -88,7 +88,7 @@ _LAYOUT_MARKERS = (
 
 
 def guess_layout(root) -> str | None:
-    """The dataset whose top-level folders ``root`` has (data-formats.md 2), or None."""
+    """The dataset whose top-level folders ``root`` has (docs/data.md §1-§3), or None."""
     root = Path(root)
     for kind, folders in _LAYOUT_MARKERS:
         if all((root / f).is_dir() for f in folders):
@@ -114,7 +114,7 @@ def _nearest_existing(folder: Path) -> Path:
 def ids_out_of_range(path, ids: np.ndarray, max_id: int, kind: str) -> list[Problem]:
     """An error if a label map holds ids above ``max_id`` (GTA5/Cityscapes 34, SYNTHIA 22).
 
-    data-formats.md 2.2-2.3: known void ids map to 255 through the lookup table; larger values
+    docs/data.md §2-§3: known void ids map to 255 through the lookup table; larger values
     mean the file is not a map of label ids (e.g. a colour or luminance image).
     """
     bad = np.unique(ids[ids > max_id])
@@ -128,7 +128,7 @@ def ids_out_of_range(path, ids: np.ndarray, max_id: int, kind: str) -> list[Prob
 
 
 def size_mismatch(sample: Sample, image: np.ndarray, ids: np.ndarray) -> list[Problem]:
-    """An error if the label's height and width differ from its image's (data-formats.md 2.6)."""
+    """An error if the label's height and width differ from its image's (docs/data.md §1-§3)."""
     if image.shape[:2] == ids.shape[:2]:
         return []
     (ih, iw), (lh, lw) = image.shape[:2], ids.shape[:2]
@@ -295,7 +295,7 @@ class SegmentationDataset(Dataset):
         return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
 
     def read_label_ids(self, path: Path) -> np.ndarray:
-        """The raw label ids of one label file, [H, W] (data-formats.md 2.1-2.2: 8-bit P or L PNG)."""
+        """The raw label ids of one label file, [H, W] (docs/data.md §1-§2: 8-bit P or L PNG)."""
         return read_index_label(path)
 
     def load(self, index: int) -> tuple[np.ndarray | None, np.ndarray | None, list[Problem]]:
@@ -358,7 +358,7 @@ def collate(items: list[dict]) -> dict:
 def read_list_file(path, suffix: str = ".png") -> list[str]:
     """Entries of an AdaptSegNet-style list file: one relative image name per line, blanks skipped.
 
-    data-formats.md 2.1-2.3: ``00001.png`` (GTA5), ``0000000.png`` (SYNTHIA),
+    docs/data.md §1-§3: ``00001.png`` (GTA5), ``0000000.png`` (SYNTHIA),
     ``frankfurt/frankfurt_000000_000294_leftImg8bit.png`` (Cityscapes, under ``leftImg8bit/<split>/``).
     """
     path = Path(path)
@@ -380,7 +380,7 @@ def read_list_file(path, suffix: str = ".png") -> list[str]:
 class GTA5(SegmentationDataset):
     """GTA5 ("Playing for Data"): ``images/NNNNN.png`` + palette ``labels/NNNNN.png``.
 
-    data-formats.md 2.2: the palette index is the Cityscapes labelId, mapped with
+    docs/data.md §2: the palette index is the Cityscapes labelId, mapped with
     ``cag.labels.gta5_lut`` (void ids, 34 included, become 255). Real copies miss about 25
     label files; those entries are dropped with one warning. The released pipeline resizes
     frames to 1914x1052: pass ``train_transform(resize=(1914, 1052))``.
@@ -400,9 +400,9 @@ class GTA5(SegmentationDataset):
 class Synthia(SegmentationDataset):
     """SYNTHIA-RAND-CITYSCAPES: ``RGB/NNNNNNN.png`` + 16-bit ``GT/LABELS/NNNNNNN.png``.
 
-    data-formats.md 2.3: the class id is in the red channel of a 16-bit 3-channel PNG, read with
+    docs/data.md §3: the class id is in the red channel of a 16-bit 3-channel PNG, read with
     OpenCV (Pillow silently returns zeros); mapped to 16, 13 or 19 classes by
-    ``cag.labels.synthia_lut`` (method-spec 6).
+    ``cag.labels.synthia_lut`` (docs/data.md §4).
     """
 
     kind = "SYNTHIA"
@@ -416,7 +416,7 @@ class Synthia(SegmentationDataset):
         super().__init__(root, synthia_lut(num_classes), num_classes, list_file, transform, seed)
 
     def read_label_ids(self, path: Path) -> np.ndarray:
-        """SYNTHIA class ids from the 16-bit red channel (data-formats.md 2.3)."""
+        """SYNTHIA class ids from the 16-bit red channel (docs/data.md §3)."""
         return read_synthia_label(path)
 
 
@@ -426,7 +426,7 @@ CITYSCAPES_COUNTS = {"train": 2975, "val": 500, "test": 1525}
 class Cityscapes(SegmentationDataset):
     """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` + ``gtFine/.../*_gtFine_labelIds.png``.
 
-    data-formats.md 2.1 and method-spec 6: labelIds mapped with ``cag.labels.cityscapes_lut``
+    docs/data.md §1 and §4: labelIds mapped with ``cag.labels.cityscapes_lut``
     (16/13 classes for the SYNTHIA protocols ignore the excluded classes). ``labels=False``
     reads the images only (the unlabeled adaptation split): no ``label`` key, no gtFine needed.
     """
@@ -512,7 +512,7 @@ class DatasetReport:
 
 
 def incomplete_problems(dataset: SegmentationDataset) -> list[Problem]:
-    """One warning per entry dropped for a missing image or label (data-formats.md 2.2 gaps)."""
+    """One warning per entry dropped for a missing image or label (docs/data.md §2 gaps)."""
     return [Problem(WARNING, str(dataset.root / dataset.image_dir / name), f"{name}: {why}")
             for name, why in dataset.incomplete]
 
@@ -528,7 +528,7 @@ def count_problems(dataset: SegmentationDataset) -> list[Problem]:
 
 
 def frame_size_problems(dataset: SegmentationDataset, index: int, image: np.ndarray) -> list[Problem]:
-    """A warning for a frame whose size differs from the dataset's usual one (data-formats.md 2)."""
+    """A warning for a frame whose size differs from the dataset's usual one (docs/data.md §1-§3)."""
     expected = dataset.frame_size_wh
     height, width = image.shape[:2]
     if expected is None or (width, height) == tuple(expected):
@@ -542,7 +542,7 @@ def frame_size_problems(dataset: SegmentationDataset, index: int, image: np.ndar
 def check_dataset(kind: str, root, list_file=None, split: str = "train", labels: bool = True,
                   max_files: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> DatasetReport:
-    """Check a copy of ``kind`` at ``root`` and collect every problem (data-formats.md 2).
+    """Check a copy of ``kind`` at ``root`` and collect every problem (docs/data.md §1-§3).
 
     Layout and list file first (an error there stops the check), then one warning per
     incomplete pair, the sample count against the release (GTA5 24,966; SYNTHIA 9,400;

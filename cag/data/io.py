@@ -1,6 +1,6 @@
 """Reading and writing images and label maps in the datasets' exact on-disk formats.
 
-data-formats.md section 2: GTA5 labels are 8-bit palette PNGs whose palette index is the
+docs/data.md §1-§3: GTA5 labels are 8-bit palette PNGs whose palette index is the
 Cityscapes labelId (never ``.convert("L")``); Cityscapes ``*_gtFine_labelIds.png`` are 8-bit
 single-channel; SYNTHIA ``GT/LABELS`` are 16-bit 3-channel PNGs with the class in the red
 channel, which Pillow silently reads as zeros, so they are read with OpenCV.

@@ -1,4 +1,4 @@
-"""Mini street scenes: the built-in two-domain benchmark (data-formats.md section 4).
+"""Mini street scenes: the built-in two-domain benchmark (docs/data.md §7).
 
 Procedural street scenes over the Cityscapes label space, rendered in two domains:
 
@@ -17,7 +17,7 @@ Every sample is a pure function of ``(preset, strength, domain, split, index, si
 random generator is seeded by ``SeedSequence([SEED_SALT, domain, split, index])``. Labels are
 rasterised on integer geometry with ``PIL.ImageDraw``; images are quantised to uint8 at the end.
 
-``generate`` writes the benchmark in the real on-disk formats (data-formats.md 2.1-2.3): the
+``generate`` writes the benchmark in the real on-disk formats (docs/data.md §1-§3): the
 source in the GTA5 layout (optionally also SYNTHIA), the target in the Cityscapes layout with
 train / val / test splits, and a ``benchmark.json`` manifest. Command line::
 
@@ -49,8 +49,8 @@ class Preset(NamedTuple):
     default_strength: float
 
 
-#: The shift presets (issue 4). Effective amount of a component = strength * weight.
-#: Default strengths are calibrated (issue 4 item 4, data-formats.md 4.2): source-only reaches
+#: The shift presets. Effective amount of a component = strength * weight.
+#: Default strengths are calibrated (docs/data.md §7; results/README.md): source-only reaches
 #: 50-65 % of the target-trained model's mIoU on target *val* with configs/synthetic.yaml, seed 1,
 #: measured before any adaptation ran (results/calibration.csv: class 0.302 / 0.484 = 62 %,
 #: global 0.295 / 0.498 = 59 %, full 0.277 / 0.484 = 57 %).
@@ -128,7 +128,7 @@ SOURCE_NOISE = 3.0
 DETAIL_SHADE = np.array([1.0, 0.55, 0.4, 0.25], dtype=np.float32)
 WINDOW, GLASS, WHEEL = 1, 2, 3
 
-#: SYNTHIA-RAND-CITYSCAPES class ids (data-formats.md 2.3) for the Cityscapes labelIds.
+#: SYNTHIA-RAND-CITYSCAPES class ids (docs/data.md §3) for the Cityscapes labelIds.
 SYNTHIA_ID = {**{_ID[n]: s for n, s in zip(CLASSES_16, SYNTHIA_IDS_16)},
               TERRAIN: 16, TRUCK: 18, _ID["train"]: 20}
 
@@ -178,7 +178,7 @@ def shift_amounts(preset: str, strength: float | None, domain: str) -> tuple[flo
 
 
 def sample_rngs(domain: str, split: str, index: int) -> tuple[np.random.Generator, ...]:
-    """Independent (layout, paint, shift) generators of one sample (data-formats.md 4.3)."""
+    """Independent (layout, paint, shift) generators of one sample (docs/data.md §7)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if int(index) < 0:
@@ -462,7 +462,7 @@ def flat_look(labels, instances, rng: np.random.Generator, class_colours, instan
 
 
 def paint_source(labels, instances, rng: np.random.Generator) -> np.ndarray:
-    """Source look: flat class colours, saturated cars and clothes (data-formats.md 4.1)."""
+    """Source look: flat class colours, saturated cars and clothes (docs/data.md §7)."""
     return flat_look(labels, instances, rng, SOURCE_COLOURS, SOURCE_INSTANCE_COLOURS)
 
 
@@ -557,7 +557,7 @@ def render_sample(preset: str, strength: float | None, domain: str, split: str, 
                   size=(64, 128)) -> tuple[np.ndarray, np.ndarray]:
     """One sample in memory: (image uint8 [H, W, 3], Cityscapes labelIds uint8 [H, W]).
 
-    Deterministic in its arguments and independent of any other sample (data-formats.md 4.3).
+    Deterministic in its arguments and independent of any other sample (docs/data.md §7).
     """
     image, labels, _ = render_layers(preset, strength, domain, split, index, size)
     return image, labels
@@ -680,7 +680,7 @@ def generate(out, preset: str = "class", strength: float | None = None, size=(64
              n_source: int = 600, n_target_train: int = 600, n_target_val: int = 100,
              n_target_test: int = 200, synthia: bool = False, progress: bool = True,
              source_sizes: dict | None = None) -> dict:
-    """Write the benchmark to ``out`` and return its manifest (data-formats.md 4.1, 4.3).
+    """Write the benchmark to ``out`` and return its manifest (docs/data.md §7).
 
     ``source_sizes`` maps source indices to another (H, W) than ``size``: frames of other sizes
     among the rest, as GTA5's 1914x1046 ones (written to both source layouts).

@@ -1,6 +1,6 @@
 """Joint image/label transforms on tensors: the released training augmentation.
 
-method-spec.md section 5 ("Data pipeline"): GTA5 is first resized to 1914x1052 (bilinear image,
+docs/data.md §6: GTA5 is first resized to 1914x1052 (bilinear image,
 nearest label); training then draws a new width ``int(U(0.5, 1.5) * 2200)`` keeping the aspect
 ratio, crops 896x512 (W x H) at a random position and flips horizontally with p = 0.5. Images
 are scaled to [0, 1] with no mean/std (the released normalisation); ImageNet mean/std is an option.
@@ -38,7 +38,7 @@ def resize_image(image: torch.Tensor, size_wh: tuple[int, int]) -> torch.Tensor:
     """Bilinear (antialiased) resize of a [3, H, W] image to ``size_wh``, keeping its dtype.
 
     uint8 images are rounded and clamped back to uint8, like PIL's ``Image.BILINEAR``
-    (method-spec 5, "Initial resize").
+    (docs/data.md §6).
     """
     width, height = size_wh
     resized = F.interpolate(
@@ -52,7 +52,7 @@ def resize_image(image: torch.Tensor, size_wh: tuple[int, int]) -> torch.Tensor:
 def resize_label(label: torch.Tensor, size_wh: tuple[int, int]) -> torch.Tensor:
     """Nearest resize of an [H, W] label map to ``size_wh``; the output holds only input ids.
 
-    ``nearest-exact`` samples pixel centres, as PIL's ``Image.NEAREST`` does (method-spec 5).
+    ``nearest-exact`` samples pixel centres, as PIL's ``Image.NEAREST`` does (docs/data.md §6).
     """
     width, height = size_wh
     resized = F.interpolate(label[None, None].float(), size=(height, width), mode="nearest-exact")
@@ -93,9 +93,9 @@ class Resize:
     """Resize image (bilinear) and label (nearest) to a fixed ``size_wh``.
 
     The released GTA5 loader resizes every frame to 1914x1052, which also fixes the few GTA5
-    frames with other sizes (method-spec 5). A frame already at ``size_wh`` is returned as is.
+    frames with other sizes (docs/data.md §6). A frame already at ``size_wh`` is returned as is.
     With ``keep_label_size=True`` only the image is resized: evaluation scores predictions
-    upsampled to the label's own resolution (method-spec 6).
+    upsampled to the label's own resolution (docs/method.md §12).
     """
 
     def __init__(self, size_wh: tuple[int, int], keep_label_size: bool = False):
@@ -115,7 +115,7 @@ class RandomScaleWidth:
     """Resize to width ``int(U(*scale) * base_width)``, keeping the aspect ratio.
 
     The released ``RandomSized(2200)``: ``w = int(U(0.5, 1.5) * 2200)`` and
-    ``h = int(w / (W / H))`` (method-spec 5, augmentation step 1).
+    ``h = int(w / (W / H))`` (docs/data.md §6, step 2).
     """
 
     def __init__(self, base_width: int = 2200, scale: tuple[float, float] = (0.5, 1.5)):
@@ -136,7 +136,7 @@ class RandomScaleWidth:
 
 
 class RandomCrop:
-    """Crop ``size_wh`` at a uniformly random position (method-spec 5, augmentation step 2).
+    """Crop ``size_wh`` at a uniformly random position (docs/data.md §6, step 3).
 
     As in the released code, an input narrower or shorter than the crop is not padded: it is
     resized (bilinear image, nearest label) to exactly ``size_wh``, which changes its aspect
@@ -161,7 +161,7 @@ class RandomCrop:
 
 
 class RandomHorizontalFlip:
-    """Mirror image and label left-right with probability ``p`` (method-spec 5, step 3)."""
+    """Mirror image and label left-right with probability ``p`` (docs/data.md §6, step 4)."""
 
     def __init__(self, p: float = 0.5):
         self.p = float(p)
@@ -179,7 +179,7 @@ class ToFloat:
     """uint8 image to float32 in [0, 1]; optionally ImageNet mean/std normalised.
 
     ``normalize="none"`` is the released normalisation (divide by 255, zero mean, unit std;
-    method-spec 5, "Normalisation"); ``"imagenet"`` then applies (x - mean) / std with
+    docs/data.md §6); ``"imagenet"`` then applies (x - mean) / std with
     mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). The label is unchanged.
     """
 
@@ -210,7 +210,7 @@ def train_transform(
 ) -> Compose:
     """The released training pipeline: [Resize] -> RandomScaleWidth -> RandomCrop -> flip -> ToFloat.
 
-    method-spec 5. Pass ``resize=(1914, 1052)`` for GTA5 (None keeps the frame size, as for
+    docs/data.md §6. Pass ``resize=(1914, 1052)`` for GTA5 (None keeps the frame size, as for
     Cityscapes); ``base_width=None``, ``crop=None`` or ``flip=0`` leave that step out.
     """
     steps = []
@@ -227,7 +227,7 @@ def train_transform(
 
 
 def eval_transform(resize: tuple[int, int] | None = None, normalize: str = "none") -> Compose:
-    """Evaluation pipeline: [Resize image] -> ToFloat; full resolution by default (method-spec 6).
+    """Evaluation pipeline: [Resize image] -> ToFloat; full resolution by default (docs/method.md §12).
 
     ``resize`` (e.g. AdaptSegNet's 1024x512 input) changes only the image: the label keeps its
     full resolution, and predictions are upsampled to it before scoring.
