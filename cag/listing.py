@@ -2,7 +2,7 @@
 
 A chapter explains a rule next to the code that implements it. The code is never copied into
 the notebook: ``listing(anchor_distances, nearest_anchor_margin)`` reads the functions' source
-from the installed ``cag`` package (:func:`inspect.getsourcelines`) and returns an object that
+from the installed ``cag`` package (``inspect.getsourcelines``) and returns an object that
 Jupyter shows as highlighted code and the book renders the same way, headed by the file and
 line numbers. The text form (``repr``) is what nbval compares, so a chapter whose committed
 listing no longer matches the package fails the notebook tests.

@@ -280,7 +280,7 @@ def test_deeplabv2_runs_a_cag_iteration_at_real_size(real_data, tmp_path):
     try:
         record = run_stages("gta5_to_cityscapes", real_data, tmp_path, "model.arch=deeplabv2", "model.output_stride=8",
                             f"model.init={init}", "source_only.iters=0", "warmup.iters=0", "cag.stages=1",
-                            "train.batch_size=1", "anchors.num_images=1", until="stage1")
+                            "eval.stages=[stage1]", "train.batch_size=1", "anchors.num_images=1", until="stage1")
         run = record["run"]
         for stage in ("source_only", "warmup"):
             assert json.loads((run / stage / "done.json").read_text())["skipped"], stage
