@@ -42,7 +42,7 @@ PAGE_REPORT = """(async () => {
     text_length: document.body.innerText.length,
     code_blocks: document.querySelectorAll('pre').length,
     cut_code: [...document.querySelectorAll('pre')].filter(p => p.scrollWidth > p.clientWidth + 1)
-                .map(p => p.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '').slice(0, 80)),
+                .map(p => p.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '').slice(0, 80)),
   };
 })()"""
 
