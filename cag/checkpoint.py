@@ -99,17 +99,38 @@ def save_checkpoint(path, obj) -> None:
 @contextlib.contextmanager
 def _interrupts_deferred():
     """Hold Ctrl-C and SIGTERM until the block ends: an interrupt raised inside ``torch.save``'s
-    zip writer surfaces as an unrelated RuntimeError; held, it arrives after the write."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # no POSIX signal masks here
+    zip writer surfaces as an unrelated RuntimeError; held, it arrives after the write.
+
+    The Python-level handlers are swapped for one that only records the signal, then restored,
+    and a recorded signal is handed to the handler that was in place. (Blocking the signals with
+    a thread mask is not enough: the kernel hands a process-directed signal to any thread that
+    does not block it, such as a progress-bar or data-loading thread, and Python then runs the
+    handler in the main thread, inside the write.) Outside the main thread, where handlers
+    cannot be changed, the block runs as it is.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+        except (ValueError, OSError):  # a signal this platform does not let Python handle
+            pass
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            handler = previous.get(received[0])
+            if callable(handler):
+                handler(received[0], None)  # e.g. KeyboardInterrupt: the interrupt, after the write
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])
 
 
 def _write_atomically(path: Path, obj) -> None:

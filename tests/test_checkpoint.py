@@ -242,3 +242,42 @@ def test_other_structures_are_refused(tmp_path, content, expected):
     path = torch_save(content, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=expected):
         load_cag_uda_checkpoint(path)
+
+
+def test_an_interrupt_during_a_checkpoint_write_arrives_after_it(tmp_path):
+    """SIGTERM sent to another thread of the process (the kernel may hand a process-directed
+    signal to any thread, e.g. a progress bar's) while ``save_checkpoint`` writes: the write
+    finishes, the file is whole, and the interrupt is raised afterwards."""
+    import signal
+    import threading
+
+    from cag import checkpoint as ckpt
+
+    def to_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, to_interrupt)
+    stop = threading.Event()
+    bystander = threading.Thread(target=stop.wait, daemon=True)
+    bystander.start()
+    writes = []
+    real_write = ckpt._write_atomically
+
+    def write_with_a_signal(path, obj):  # the signal lands in the middle of the write
+        signal.pthread_kill(bystander.ident, signal.SIGTERM)
+        for _ in range(10_000):  # bytecode boundaries at which Python would run a handler
+            pass
+        real_write(path, obj)
+        writes.append(path)
+
+    try:
+        ckpt._write_atomically = write_with_a_signal
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(tmp_path / "last.pt", {"iteration": 3, "weights": torch.ones(4)})
+    finally:
+        ckpt._write_atomically = real_write
+        signal.signal(signal.SIGTERM, previous)
+        stop.set()
+    assert writes == [tmp_path / "last.pt"]
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["iteration"] == 3
+    assert signal.getsignal(signal.SIGTERM) is previous
