@@ -246,6 +246,29 @@ def nearest_anchor_report(points: torch.Tensor, classes: torch.Tensor, anchors: 
     return {"accuracy": accuracy, "distance": distance, "pixels": pixels}
 
 
+def nearest_anchor_overall(report: dict[str, torch.Tensor], counts: torch.Tensor) -> tuple[float, float]:
+    """One number each for a :func:`nearest_anchor_report`, over the pixels of classes that have
+    an anchor: the share whose nearest anchor is their class's, and their mean distance to it."""
+    weights = report["pixels"] * (counts.to(report["pixels"].device) > 0)
+    total = weights.sum()
+    return (float((report["accuracy"].nan_to_num() * weights).sum() / total),
+            float((report["distance"].nan_to_num() * weights).sum() / total))
+
+
+def feature_space_panel(model, images: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
+                        counts: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor, device, title: str,
+                        max_pixels: int = 5000) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The labelled pixels of ``images`` under ``model``, projected on the anchors' principal axes
+    (``mean``, ``axes`` from :func:`pca`), as a panel for ``figures.plot_feature_space``, and
+    their :func:`nearest_anchor_report`."""
+    features, _ = features_and_logits(model, images, device)
+    points, classes = labelled_pixels(features, labels, max_pixels=max_pixels)
+    has_anchor = counts > 0
+    panel = {"title": title, "points": project(points, mean, axes), "classes": classes,
+             "anchors": project(anchors[has_anchor], mean, axes), "anchor_classes": has_anchor.nonzero().squeeze(1)}
+    return panel, nearest_anchor_report(points, classes, anchors, counts)
+
+
 # ----------------------------------------------------------------------------- pseudo-labels
 
 

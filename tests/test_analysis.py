@@ -330,3 +330,33 @@ def test_show_grid_draws_rgb_and_scalar_panels():
     fig = figures.show_grid([[torch.rand(3, 4, 8), torch.rand(4, 8)]], col_titles=["image", "map"])
     assert len(fig.axes) == 2
     assert fig.axes[1].get_images()[0].get_cmap().name == "magma"
+
+
+def test_nearest_anchor_overall_weights_classes_by_their_pixels_and_skips_anchorless_ones():
+    from cag.analysis import nearest_anchor_overall, nearest_anchor_report
+
+    anchors = torch.tensor([[0.0, 0.0], [4.0, 0.0], [9.0, 9.0]])
+    counts = torch.tensor([5.0, 5.0, 0.0])  # class 2 has no anchor
+    points = torch.tensor([[0.5, 0.0], [3.0, 0.0], [1.0, 0.0], [4.0, 3.0], [9.0, 9.0]])
+    classes = torch.tensor([0, 0, 1, 1, 2])
+    # class 0: nearest of (0.5, 0) is 0 (hit), of (3, 0) is 1 (miss); distances 0.5 and 3
+    # class 1: (1, 0) -> 0 (miss), (4, 3) -> 1 (hit); distances 3 and 3; class 2 is left out
+    report = nearest_anchor_report(points, classes, anchors, counts)
+    share, distance = nearest_anchor_overall(report, counts)
+    assert share == pytest.approx(2 / 4) and distance == pytest.approx((0.5 + 3 + 3 + 3) / 4)
+
+
+def test_feature_space_panel_projects_the_labelled_pixels_of_the_images():
+    from cag.analysis import feature_space_panel, pca
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :2], x[:, :2]
+
+    images = torch.rand(2, 3, 4, 4)
+    labels = torch.tensor([[[0, 1, 255, 1]] * 4] * 2)
+    anchors, counts = torch.tensor([[0.2, 0.2], [0.8, 0.8], [0.5, 0.1]]), torch.tensor([1.0, 1.0, 0.0])
+    mean, axes = pca(anchors[:2], k=2)
+    panel, report = feature_space_panel(Identity(), images, labels, anchors, counts, mean, axes, "cpu", "t")
+    assert panel["title"] == "t" and panel["points"].shape == (24, 2) and panel["anchors"].shape == (2, 2)
+    assert panel["anchor_classes"].tolist() == [0, 1] and report["pixels"].tolist() == [8.0, 16.0, 0.0]
