@@ -9,6 +9,8 @@ beyond it.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -26,9 +28,10 @@ def adapt_batchnorm(model: nn.Module, images, device=None) -> nn.Module:
 
     ``images`` is an iterable of image batches ``[B, 3, H, W]`` (or of ``(images, ...)`` tuples,
     as a DataLoader of a labelled dataset yields; the labels are never read). The statistics are
-    reset, then accumulated as the plain average over the batches (``momentum=None``), so the
-    order of the batches does not matter and batches of equal size give the statistics of all
-    the images' activations. Only the BatchNorm layers run in training mode: dropout and every
+    reset, then accumulated as the plain average over the batches (``momentum=None``): with
+    batches of equal size the mean is that of all the images' activations and the variance the
+    average of the batches' variances (PyTorch's cumulative BatchNorm statistics); the order of
+    the batches does not matter. Only the BatchNorm layers run in training mode: dropout and every
     other layer stay in evaluation mode, so the statistics are those the network sees at test
     time. Weights, biases and the layers' momenta are unchanged; the model is returned in
     evaluation mode.
@@ -36,6 +39,10 @@ def adapt_batchnorm(model: nn.Module, images, device=None) -> nn.Module:
     layers = batchnorm_layers(model)
     if not layers:
         raise ValueError("adapt_batchnorm: the model has no BatchNorm layer to adapt")
+    batches = iter(images)
+    first = next(batches, None)
+    if first is None:  # checked before the statistics are reset: the model stays as it was
+        raise ValueError("adapt_batchnorm: no images to estimate the statistics from")
     device = device or next(model.parameters()).device
     momenta = [bn.momentum for bn in layers]
     model.eval()
@@ -43,16 +50,12 @@ def adapt_batchnorm(model: nn.Module, images, device=None) -> nn.Module:
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    seen = 0
     try:
-        for batch in images:
+        for batch in itertools.chain([first], batches):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             model(x.to(device))
-            seen += 1
     finally:
         for bn, momentum in zip(layers, momenta):
             bn.momentum = momentum
         model.eval()
-    if seen == 0:
-        raise ValueError("adapt_batchnorm: no images to estimate the statistics from")
     return model

@@ -106,19 +106,16 @@ def _interrupts_deferred():
     a thread mask is not enough: the kernel hands a process-directed signal to any thread that
     does not block it, such as a progress-bar or data-loading thread, and Python then runs the
     handler in the main thread, inside the write.) Outside the main thread, where handlers
-    cannot be changed, the block runs as it is.
+    cannot be changed, and for a handler installed outside Python, the block runs as it is.
     """
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received: list[int] = []
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is None:  # installed outside Python: it could not be restored
+            continue
         try:
             previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
-        except (ValueError, OSError):  # a signal this platform does not let Python handle
+        except (ValueError, OSError):  # not the main thread, or a signal Python may not handle
             pass
     try:
         yield

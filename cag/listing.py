@@ -4,8 +4,9 @@ A chapter explains a rule next to the code that implements it. The code is never
 the notebook: ``listing(anchor_distances, nearest_anchor_margin)`` reads the functions' source
 from the installed ``cag`` package (``inspect.getsourcelines``) and returns an object that
 Jupyter shows as highlighted code and the book renders the same way, headed by the file and
-line numbers. The text form (``repr``) is what nbval compares, so a chapter whose committed
-listing no longer matches the package fails the notebook tests.
+line numbers. nbval compares both forms (plain text and the highlighted HTML, hence the pinned
+Pygments), so a chapter whose committed listing no longer matches the package, its code or its
+place in the file, fails the notebook tests.
 """
 from __future__ import annotations
 

@@ -58,5 +58,9 @@ def test_old_statistics_are_forgotten_and_outputs_change_accordingly():
 def test_no_batchnorm_or_no_images_is_an_error():
     with pytest.raises(ValueError, match="no BatchNorm"):
         adapt_batchnorm(nn.Conv2d(3, 3, 1), [torch.zeros(1, 3, 2, 2)])
+    model = toy()
+    adapt_batchnorm(model, [torch.randn(4, 3, 4, 4) + 2])
+    kept = model[2].running_mean.clone()
     with pytest.raises(ValueError, match="no images"):
-        adapt_batchnorm(toy(), [])
+        adapt_batchnorm(model, [])
+    assert torch.equal(model[2].running_mean, kept)  # the statistics it had are kept

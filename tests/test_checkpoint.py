@@ -274,10 +274,10 @@ def test_an_interrupt_during_a_checkpoint_write_arrives_after_it(tmp_path):
         ckpt._write_atomically = write_with_a_signal
         with pytest.raises(KeyboardInterrupt):
             ckpt.save_checkpoint(tmp_path / "last.pt", {"iteration": 3, "weights": torch.ones(4)})
+        assert signal.getsignal(signal.SIGTERM) is to_interrupt  # save_checkpoint put the handler back
     finally:
         ckpt._write_atomically = real_write
         signal.signal(signal.SIGTERM, previous)
         stop.set()
     assert writes == [tmp_path / "last.pt"]
     assert ckpt.load_checkpoint(tmp_path / "last.pt")["iteration"] == 3
-    assert signal.getsignal(signal.SIGTERM) is previous
