@@ -37,6 +37,9 @@ class SyntheticConfig:
     """
 
     root: typing.Optional[str] = None
+    #: Scene version (cag.data.synthetic.VERSIONS): 1 = the book's 12-class benchmark, 2 = the
+    #: benchmark table's 17 classes and five shift components (docs/data.md §7).
+    version: int = 1
     preset: str = "class"
     strength: typing.Optional[float] = None
     size: list[int] = field(default_factory=lambda: [64, 128])
@@ -235,6 +238,7 @@ CHOICES = {
     "data.num_classes": (19, 16, 13),
     "data.normalize": ("none", "imagenet"),
     "data.synthetic.preset": ("global", "class", "full"),
+    "data.synthetic.version": (1, 2),
     "model.arch": ("deeplabv3plus", "deeplabv2"),
     "model.backbone": ("resnet101", "resnet50", "resnet18", "tiny"),
     "model.output_stride": (8, 16),

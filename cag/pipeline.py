@@ -328,5 +328,5 @@ class Pipeline:
 
             generate(syn.root, preset=syn.preset, strength=syn.strength, size=tuple(syn.size), n_source=syn.n_source,
                      n_target_train=syn.n_target_train, n_target_val=syn.n_target_val,
-                     n_target_test=syn.n_target_test, progress=not self.cfg.quiet)
+                     n_target_test=syn.n_target_test, progress=not self.cfg.quiet, version=syn.version)
         dist.barrier()

@@ -63,6 +63,9 @@ PRESETS: dict[str, Preset] = {
 
 #: Bump whenever rendering or file layout changes: cached benchmarks then regenerate.
 FORMAT_VERSION = 1
+#: Scene versions: 1 is the book's benchmark (12 classes; chapters 1-7 until they move), 2 the
+#: benchmark table's (17 classes, five shift components: street_scene, appearance, domain_shift).
+VERSIONS = (1, 2)
 MANIFEST = "benchmark.json"
 SEED_SALT = 2019
 MAX_STRENGTH = 2.0
@@ -153,6 +156,22 @@ def resolve_strength(preset: str, strength: float | None) -> float:
     if not 0.0 <= value <= MAX_STRENGTH:
         raise ValueError(f"strength must lie in [0, {MAX_STRENGTH}] (0 = no shift); got {strength}")
     return value
+
+
+def check_version(version) -> int:
+    """The scene version: 1 (12 classes, three shift components) or 2 (17 classes, five)."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown benchmark version {version!r}; expected one of {VERSIONS}")
+    return int(version)
+
+
+def strength_of(preset: str, strength: float | None, version: int) -> float:
+    """The checked strength of a preset of either version (its default for ``None``)."""
+    if check_version(version) == 2:
+        from .domain_shift import resolve_strength as resolve_v2
+
+        return resolve_v2(preset, strength)
+    return resolve_strength(preset, strength)
 
 
 def check_size(size) -> tuple[int, int]:
@@ -533,12 +552,18 @@ def quantise(image: np.ndarray) -> np.ndarray:
 
 
 def render_layers(preset: str, strength: float | None, domain: str, split: str, index: int,
-                  size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  size, version: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image uint8 [H, W, 3], labelIds uint8 [H, W], instance slots uint8 [H, W]) of one sample.
 
-    image = global(shade * lerp(source look, target look, class amount)) + source noise,
-    where the scene's layout is drawn with the layout amount (all amounts 0 for the source).
+    Version 1: image = global(shade * lerp(source look, target look, class amount)) + source
+    noise, where the scene's layout is drawn with the layout amount (all amounts 0 for the
+    source). Version 2 is :func:`cag.data.domain_shift.render_layers`.
     """
+    check_version(version)
+    if version == 2:
+        from . import domain_shift
+
+        return domain_shift.render_layers(preset, strength, domain, split, index, size)
     size = check_size(size)
     amount_global, amount_class, amount_layout = shift_amounts(preset, strength, domain)
     layout_rng, paint_rng, shift_rng = sample_rngs(domain, split, index)
@@ -554,12 +579,12 @@ def render_layers(preset: str, strength: float | None, domain: str, split: str, 
 
 
 def render_sample(preset: str, strength: float | None, domain: str, split: str, index: int,
-                  size=(64, 128)) -> tuple[np.ndarray, np.ndarray]:
+                  size=(64, 128), version: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """One sample in memory: (image uint8 [H, W, 3], Cityscapes labelIds uint8 [H, W]).
 
     Deterministic in its arguments and independent of any other sample (docs/data.md §7).
     """
-    image, labels, _ = render_layers(preset, strength, domain, split, index, size)
+    image, labels, _ = render_layers(preset, strength, domain, split, index, size, version)
     return image, labels
 
 
@@ -597,8 +622,9 @@ def to_synthia_ids(label_ids: np.ndarray) -> np.ndarray:
 
 
 def synthia_instances(label_ids: np.ndarray, instances: np.ndarray) -> np.ndarray:
-    """SYNTHIA's instance channel: the instance slot on person, car and truck pixels, else 0."""
-    return np.where(np.isin(label_ids, (PERSON, CAR, TRUCK)), instances, 0).astype(np.uint16)
+    """SYNTHIA's instance channel: the instance slot on pixels of thing classes, else 0."""
+    things = [label.id for label in LABELS if label.hasInstances]
+    return np.where(np.isin(label_ids, things), instances, 0).astype(np.uint16)
 
 
 def _jobs(params: dict) -> list[tuple[str, str, int]]:
@@ -660,7 +686,7 @@ def sample_size(params: dict, domain: str, index: int) -> list[int]:
 def write_sample(out, domain: str, split: str, index: int, params: dict) -> np.ndarray:
     """Render one sample, write it in its dataset's format and return its labelIds."""
     image, labels, instances = render_layers(params["preset"], params["strength"], domain, split, index,
-                                             sample_size(params, domain, index))
+                                             sample_size(params, domain, index), params.get("version", 1))
     if domain == "target":
         image_path, label_path = target_paths(out, split, index)
         io.write_image(image_path, image)
@@ -679,9 +705,11 @@ def write_sample(out, domain: str, split: str, index: int, params: dict) -> np.n
 def generate(out, preset: str = "class", strength: float | None = None, size=(64, 128),
              n_source: int = 600, n_target_train: int = 600, n_target_val: int = 100,
              n_target_test: int = 200, synthia: bool = False, progress: bool = True,
-             source_sizes: dict | None = None) -> dict:
+             source_sizes: dict | None = None, version: int = 1) -> dict:
     """Write the benchmark to ``out`` and return its manifest (docs/data.md §7).
 
+    ``version`` picks the scene grammar and shift (:data:`VERSIONS`); it is recorded in the
+    manifest's parameters only when it is not 1, so version-1 folders stay current.
     ``source_sizes`` maps source indices to another (H, W) than ``size``: frames of other sizes
     among the rest, as GTA5's 1914x1046 ones (written to both source layouts).
     Does nothing when ``out/benchmark.json`` already records these parameters and all files
@@ -694,9 +722,11 @@ def generate(out, preset: str = "class", strength: float | None = None, size=(64
     for key, value in counts.items():
         if int(value) < 0:
             raise ValueError(f"{key} must be >= 0, got {value}")
-    params = {"preset": preset, "strength": resolve_strength(preset, strength),
+    params = {"preset": preset, "strength": strength_of(preset, strength, version),
               "size": list(check_size(size)), **{k: int(v) for k, v in counts.items()},
               "synthia": bool(synthia)}
+    if check_version(version) != 1:
+        params["version"] = version
     if source_sizes:
         bad = [i for i in source_sizes if not 0 <= int(i) < int(n_source)]
         if bad:
@@ -726,15 +756,22 @@ def generate(out, preset: str = "class", strength: float | None = None, size=(64
 def describe(params: dict, histograms: dict[str, np.ndarray]) -> dict:
     """Manifest body: layouts, class list, counts and per-set labelId pixel fractions."""
     names = {label.id: label.name for label in LABELS}
+    if params.get("version", 1) == 2:
+        from . import domain_shift, street_scene
+
+        classes, presets = street_scene.CLASS_LABEL_IDS, domain_shift.PRESETS
+        presets = {name: {**p.weights._asdict(), "default_strength": p.default_strength} for name, p in presets.items()}
+    else:
+        classes, presets = CLASS_LABEL_IDS, {name: p._asdict() for name, p in PRESETS.items()}
     layouts = {"source": "GTA5", "target": "Cityscapes"}
     if params["synthia"]:
         layouts["source_synthia"] = "SYNTHIA-RAND-CITYSCAPES"
     return {
         "layouts": layouts,
         "target_city": "synth",
-        "classes": {names[i]: i for i in CLASS_LABEL_IDS},
+        "classes": {names[i]: i for i in classes},
         "void_label_ids": list(VOID_LABEL_IDS),
-        "presets": {name: p._asdict() for name, p in PRESETS.items()},
+        "presets": presets,
         "counts": {"source": params["n_source"], "target_train": params["n_target_train"],
                    "target_val": params["n_target_val"], "target_test": params["n_target_test"]},
         "label_fractions": {key: {names[i]: round(float(hist[i] / hist.sum()), 5)
@@ -770,6 +807,7 @@ def _main(argv) -> int:
     parser.add_argument("--n-target-train", type=int, default=600)
     parser.add_argument("--n-target-val", type=int, default=100)
     parser.add_argument("--n-target-test", type=int, default=200)
+    parser.add_argument("--version", type=int, default=1, choices=VERSIONS, help="scene version (docs/data.md §7)")
     parser.add_argument("--synthia", action="store_true", help="also write the source in the SYNTHIA layout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -777,7 +815,7 @@ def _main(argv) -> int:
     try:
         manifest = generate(args.out, args.preset, args.strength, args.size, args.n_source,
                             args.n_target_train, args.n_target_val, args.n_target_test,
-                            args.synthia, progress=not args.quiet)
+                            args.synthia, progress=not args.quiet, version=args.version)
     except ValueError as err:
         if isinstance(err, UserInputError):
             raise
