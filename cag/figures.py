@@ -420,3 +420,175 @@ def cag_idea(delta_d: float = 1.0, seed: int = 0, n: int = 150):
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(f"Category anchors and active targets (toy, Delta_d = {delta_d:g})")
     return fig
+
+
+# ----------------------------------------------------------------------------- benchmark results (chapter 8)
+
+_HELD_OUT = "mIoU on the held-out target split (%)"
+
+
+def plot_arms(rows, preset: str, arms=None, checkpoint: str = "last"):
+    """Every arm of one preset (summary.csv rows): a bar at the mean mIoU over seeds
+    (:func:`cag.results.miou_table`, arms in its order unless given) and each seed as a dot."""
+    from .results import miou_table, seed_values
+
+    table = miou_table(rows, preset, checkpoint, arms)
+    fig = _figure(max(6.0, 0.5 * len(table) + 2.0), 4.2)
+    ax = fig.subplots()
+    x = np.arange(len(table))
+    ax.bar(x, [100 * t["mean"] for t in table], color="0.82", edgecolor="0.45", label="mean over seeds")
+    for i, entry in enumerate(table):
+        values = [v for _, v in sorted(seed_values(rows, preset, entry["arm"], checkpoint).items())]
+        offsets = np.linspace(-0.18, 0.18, len(values)) if len(values) > 1 else np.zeros(len(values))
+        ax.scatter(i + offsets, 100 * np.asarray(values, dtype=float), color="black", s=14, zorder=3,
+                   label="one seed" if i == 0 else None)
+    ax.set_xticks(x, [t["name"] for t in table], rotation=40, ha="right")
+    ax.set_xlabel("arm")
+    ax.set_ylabel(_HELD_OUT)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(f"Preset {preset}: mIoU per arm\n(bars: mean over seeds; dots: one seed each; {checkpoint} checkpoint)")
+    return fig
+
+
+def plot_comparisons(comparison_rows, preset: str | None = None):
+    """Forest plot of paired comparisons (comparisons.csv rows, all or one ``preset``'s): per row
+    the mean per-seed difference arm A - arm B in mIoU points with its 95 % Student-t interval;
+    green where the interval is above 0, red where below, grey where it contains 0."""
+    from .results import arm_name
+
+    shown = [r for r in comparison_rows if preset is None or r["preset"] == preset]
+    if not shown:
+        raise ValueError(f"no comparison on preset {preset!r}")
+    fig = _figure(9.0, 0.32 * len(shown) + 1.6)
+    ax = fig.subplots()
+    for y, row in enumerate(shown):
+        mean, low, high = (math.nan if row[k] is None else 100 * float(row[k]) for k in ("mean_diff", "ci_low", "ci_high"))
+        colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "0.45"
+        ax.errorbar(mean, y, xerr=[[mean - low], [high - mean]], fmt="o", color=colour, capsize=3, markersize=4)
+    labels = [f"{arm_name(r['arm_a'])} - {arm_name(r['arm_b'])}" + ("" if preset else f" [{r['preset']}]")
+              + ("" if r["checkpoint"] == "last" else f" ({r['checkpoint']})") for r in shown]
+    ax.set_yticks(range(len(shown)), labels, fontsize="small")
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("arm A - arm B in mIoU points (mean, 95 % CI)")
+    ax.set_ylabel("comparison (arm A - arm B)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Paired comparisons" + (f" on preset {preset}" if preset else "") + " (differences within each seed)")
+    return fig
+
+
+def plot_per_class_iou(rows, preset: str, arms, checkpoint: str = "last"):
+    """Mean IoU over seeds per class and arm (:func:`cag.results.per_class_table`) as grouped bars;
+    only the classes the benchmark holds."""
+    from .results import arm_name, per_class_table
+
+    table = per_class_table(rows, preset, arms, checkpoint)
+    classes = [t["class"] for t in table]
+    series = {arm_name(arm): {t["class"]: None if t[arm] is None else 100 * t[arm] for t in table} for arm in arms}
+    fig = _figure(max(7.0, 0.5 * len(classes) * max(len(arms), 1) ** 0.5 + 2), 4.0)
+    ax = fig.subplots()
+    _grouped_bars(ax, series, classes)
+    ax.set_ylim(0.0, 100.0)
+    ax.set_xlabel("class")
+    ax.set_ylabel("IoU on the held-out target split (%)")
+    ax.legend(fontsize="small")
+    ax.set_title(f"Preset {preset}: per-class IoU, mean over seeds ({checkpoint} checkpoint)")
+    return fig
+
+
+def plot_calibration(calibration_rows):
+    """The calibration (calibration.csv rows), one panel per preset: mean val mIoU over seeds of
+    source-only, AdaBN and the oracle against the shift strength (:func:`cag.results.calibration_table`),
+    source-only trained longer where the plateau check ran (hollow), and shaded where source-only
+    should lie: ``RATIO_BAND`` of the oracle."""
+    from .results import RATIO_BAND, calibration_table, plateau_table
+
+    table, plateau = calibration_table(calibration_rows), plateau_table(calibration_rows)
+    presets = list(dict.fromkeys(t["preset"] for t in table))
+    fig = _figure(4.0 * len(presets), 3.8)
+    axes = fig.subplots(1, len(presets), squeeze=False, sharey=True)[0]
+    low, high = RATIO_BAND
+    for ax, preset in zip(axes, presets):
+        cells = sorted((t for t in table if t["preset"] == preset), key=lambda t: t["strength"])
+        for key, label, colour in (("source_only", "source-only", "tab:blue"), ("adabn", "AdaBN", "tab:orange"),
+                                   ("target_oracle", "target-trained (oracle)", "tab:green")):
+            points = [(t["strength"], 100 * t[key]) for t in cells if t[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", color=colour, label=label)
+        oracle = [(t["strength"], 100 * t["target_oracle"]) for t in cells if t["target_oracle"] is not None]
+        band = f"{low:.0%}-{high:.0%} of the oracle"
+        if len(oracle) == 1:
+            ax.axhspan(low * oracle[0][1], high * oracle[0][1], color="tab:green", alpha=0.12, label=band)
+        elif oracle:
+            xs, ys = zip(*oracle)
+            ax.fill_between(xs, low * np.array(ys), high * np.array(ys), color="tab:green", alpha=0.12, label=band)
+        for iters in sorted({p["long_iters"] for p in plateau if p["preset"] == preset}):
+            points = sorted((p["strength"], 100 * p["long"]) for p in plateau
+                            if p["preset"] == preset and p["long_iters"] == iters and p["long"] is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", linestyle=":", color="tab:blue", markerfacecolor="none",
+                        label=f"source-only, {iters} iterations")
+        ax.set_xticks([t["strength"] for t in cells], [f"{t['strength']:g}" for t in cells])
+        ax.set_xlabel("shift strength")
+        ax.set_ylabel("val mIoU (%, mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"preset {preset}", fontsize="medium")
+    axes[0].legend(fontsize="small")
+    fig.suptitle("Calibration on target val: source-only, AdaBN and the oracle against the strength")
+    return fig
+
+
+def plot_delta_d(delta_rows, stage: int = 1, preset: str | None = None):
+    """The Delta_d sweep (delta_d.csv rows, :func:`cag.results.delta_d_table`) against Delta_d as a
+    fraction of each seed's smallest anchor gap: left, the share of target-train pixels that get an
+    anchor pseudo-label at ``stage`` and its precision; right, mIoU after each CAG stage."""
+    from .results import delta_d_table
+
+    fig = _figure(10.0, 3.8)
+    left, right = fig.subplots(1, 2)
+    table = delta_d_table(delta_rows, stage, preset)
+    fractions = [t["fraction"] for t in table]
+    for key, label in (("active_fraction", "active fraction"), ("active_precision", "precision of the active pixels")):
+        left.plot(fractions, [np.nan if t[key] is None else 100 * t[key] for t in table], marker="o", label=label)
+    left.set_ylim(0.0, 100.0)
+    left.set_ylabel(f"% of target-train pixels, stage {stage}")
+    left.set_title(f"Anchor pseudo-labels at stage {stage}", fontsize="medium")
+    for k in sorted({r["stage"] for r in delta_rows}):
+        rows = delta_d_table(delta_rows, k, preset)
+        right.plot([t["fraction"] for t in rows], [np.nan if t["miou"] is None else 100 * t["miou"] for t in rows],
+                   marker="o", label=f"after stage {k}")
+    right.set_ylabel(_HELD_OUT)
+    right.set_title("mIoU", fontsize="medium")
+    for ax in (left, right):
+        ax.set_xlabel("Delta_d / smallest anchor gap")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Delta_d sweep" + (f" on preset {preset}" if preset else "") + ": means over seeds")
+    return fig
+
+
+def plot_stage_curves(rows, preset: str, arms=("cag", "self_training"), checkpoint: str = "last"):
+    """mIoU against the CAG stage per arm (:func:`cag.results.stage_table`; stage 0 = the warm-up
+    model they all start from): mean over seeds with its 95 % Student-t interval as error bars."""
+    from .results import stage_table
+
+    table = stage_table(rows, preset, arms, checkpoint)
+    fig = _figure(6.5, 3.8)
+    ax = fig.subplots()
+    for k, arm in enumerate(arms):
+        points = [t for t in table if t["arm"] == arm]
+        if not points:
+            continue
+        shift = 0.06 * (k - (len(arms) - 1) / 2)
+        ax.errorbar([t["stage"] + shift for t in points], [100 * t["mean"] for t in points],
+                    yerr=[0.0 if math.isnan(t["half_ci"]) else 100 * t["half_ci"] for t in points],
+                    marker="o", capsize=3, label=points[0]["name"])
+    stages = sorted({t["stage"] for t in table})
+    ax.set_xticks(stages, ["warm-up" if s == 0 else str(s) for s in stages])
+    ax.set_xlabel("CAG stage")
+    ax.set_ylabel(_HELD_OUT)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(f"Preset {preset}: mIoU per stage\n(mean over seeds with its 95 % CI; {checkpoint} checkpoint)")
+    return fig
