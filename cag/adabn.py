@@ -59,3 +59,49 @@ def adapt_batchnorm(model: nn.Module, images, device=None) -> nn.Module:
             bn.momentum = momentum
         model.eval()
     return model
+
+
+def target_images(cfg, split: str = "train"):
+    """The target ``split`` of ``cfg`` as the evaluation sees it, without labels.
+
+    The images go through the configuration's evaluation transform (``eval.resize``, else full
+    resolution; no crop, no flip), as :func:`cag.stages.eval_dataset` prepares them for scoring,
+    so the statistics are those of the images the adapted model is then scored on. Labels are
+    not even opened (``labels=False``).
+    """
+    from .data import transforms
+    from .loop import Augmented
+    from .stages import target_dataset
+
+    return Augmented(target_dataset(cfg, split, labels=False),
+                     transforms.eval_transform(resize=tuple(cfg.eval.resize) if cfg.eval.resize else None), cfg.seed)
+
+
+def adapt_checkpoint(cfg, checkpoint, out, split: str = "train"):
+    """AdaBN of a saved model: ``checkpoint``'s BatchNorm statistics re-estimated on target ``split``.
+
+    Loads the model weights of ``checkpoint`` (a project ``last.pt``/``best_val.pt`` or a
+    released file) with the project's safe loader (:func:`cag.stages.make_model`, which checks
+    every key and shape against the configured network), runs :func:`adapt_batchnorm` over the
+    target ``split`` of ``cfg`` (by default the *train* split, the unlabelled target images an
+    adaptation method may read; never the split it is scored on) in batches of
+    ``eval.batch_size`` through :func:`target_images`, and writes the adapted weights to ``out``
+    atomically (:func:`cag.checkpoint.save_checkpoint`, ``format: cag-model/1``, loadable as
+    ``model.init`` or by :func:`cag.stages.evaluate`). Returns ``out``.
+    """
+    from pathlib import Path
+
+    from .checkpoint import save_checkpoint
+    from .data.datasets import collate
+    from .stages import make_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    model = make_model(cfg, device, checkpoint)
+    dataset = target_images(cfg, split)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
+                                         num_workers=cfg.data.num_workers, collate_fn=collate)
+    adapt_batchnorm(model, (batch["image"] for batch in loader), device)
+    out = Path(out)
+    save_checkpoint(out, {"format": "cag-model/1", "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          "adabn": {"source": str(checkpoint), "split": split, "images": len(dataset)}})
+    return out

@@ -18,6 +18,12 @@ anchors or selection (``best_val`` checkpoints are selected on ``val``). Everyth
 ``results/``: ``summary.csv`` (one row per preset, arm, seed and checkpoint), ``ablations.csv``,
 ``pseudo_labels.csv``, ``runs.json`` and, for the calibration, ``calibration.csv``. The
 functions at the end read those files back as tables and figures for the book's results chapter.
+
+The calibration (``kind: calibration``; with ``jobs``, ``plateau`` and ``adabn`` for the
+version-2 benchmark, ``configs/experiments/calibration_v2.yaml``) and the second benchmark table
+(``kind: benchmark_v2``, ``configs/experiments/benchmark_v2.yaml``) run in
+:mod:`cag.benchmark_runs`: resumable across sessions and machines through a committed cache of
+scored units (``<results_dir>/scores/``).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 
+from .benchmark_runs import CALIBRATION_KEYS  # noqa: F401  (the columns of calibration.csv)
 from .config import Config, ConfigError, load_config
 from .labels import class_names
 
@@ -43,13 +50,19 @@ SUMMARY_KEYS = ("preset", "arm", "seed", "checkpoint", "miou")
 ABLATION_KEYS = ("preset", "setting", "seed", "stage", "checkpoint", "miou")
 PSEUDO_LABEL_KEYS = ("preset", "arm", "seed", "stage", "rule", "class", "ground_truth_pixels", "assigned_pixels",
                      "correct_pixels", "labelled_pixels", "precision", "recall", "coverage")
-CALIBRATION_KEYS = ("preset", "strength", "seed", "split", "source_only", "target_oracle", "ratio")
 
 _SPEC_KEYS = {
     "calibration": {"kind", "base", "runs_dir", "data_dir", "results_dir", "seeds", "overrides", "grid", "oracle_grid",
-                    "split"},
+                    "split", "jobs", "plateau", "adabn"},
     "benchmark": {"kind", "base", "runs_dir", "data_dir", "results_dir", "seeds", "overrides", "presets", "arms",
                   "ablations", "pseudo_label_arms", "eval_split", "jobs"},
+    "benchmark_v2": {"kind", "base", "runs_dir", "data_dir", "results_dir", "eval_split", "jobs", "overrides", "presets",
+                     "warmup_arms", "arms", "sweeps", "comparisons", "pseudo_label_arms"},
+}
+_REQUIRED_KEYS = {
+    "calibration": ("base", "runs_dir", "data_dir", "results_dir", "seeds", "grid"),
+    "benchmark": ("base", "runs_dir", "data_dir", "results_dir", "seeds", "presets"),
+    "benchmark_v2": ("base", "runs_dir", "data_dir", "results_dir", "presets", "warmup_arms"),
 }
 
 
@@ -59,7 +72,9 @@ _SPEC_KEYS = {
 def load_spec(path) -> dict:
     """Read and check an experiment file (``configs/experiments/*.yaml``); paths stay as written.
 
-    Unknown keys and a missing base configuration are refused with the file and key named.
+    Unknown keys and a missing base configuration are refused with the file and key named. The
+    file's path is kept as ``spec["_file"]`` for the messages of the kind-specific checks
+    (:func:`cag.benchmark_runs.check_calibration_spec`, :func:`cag.benchmark_runs.check_benchmark_spec`).
     """
     path = Path(path)
     if not path.is_file():
@@ -70,15 +85,18 @@ def load_spec(path) -> dict:
     unknown = set(spec) - _SPEC_KEYS[spec["kind"]]
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS[spec['kind']])}")
-    required = ("base", "runs_dir", "data_dir", "results_dir", "seeds", "presets" if spec["kind"] == "benchmark" else "grid")
-    for key in required:
+    for key in _REQUIRED_KEYS[spec["kind"]]:
         if key not in spec:
             raise ConfigError(f"{path}: missing key {key!r}")
     if not Path(spec["base"]).is_file():
         raise ConfigError(f"{path}: base configuration not found: {spec['base']}")
-    if not spec["seeds"] or not all(isinstance(s, int) for s in spec["seeds"]):
+    if "seeds" in spec and (not isinstance(spec["seeds"], list) or not spec["seeds"]
+                            or not all(isinstance(s, int) for s in spec["seeds"])):
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {spec['seeds']!r}")
     spec.setdefault("overrides", [])
+    if not isinstance(spec["overrides"], list):
+        raise ConfigError(f"{path}: overrides: expected a list of key=value, got {spec['overrides']!r}")
+    spec["_file"] = str(path)
     return spec
 
 
@@ -123,16 +141,23 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def oracle_fingerprint(cfg: Config) -> str:
+    """The target oracle's fingerprint: the source-only stage's plus the domain it trains on."""
+    from .pipeline import fingerprints
+
+    return _digest(fingerprints(cfg)["source_only"], "target")
+
+
 def train_oracle(cfg: Config) -> Path:
     """Train the target-trained upper bound into ``<run>/target_oracle`` (skipped when done).
 
     Same network, schedule and seed as source-only, but on the target train labels, which no
-    adaptation arm ever reads. Its fingerprint is the source-only fingerprint plus the domain.
+    adaptation arm ever reads. Its fingerprint is :func:`oracle_fingerprint`.
     """
     from . import stages
-    from .pipeline import Pipeline, fingerprints
+    from .pipeline import Pipeline
 
-    fingerprint = _digest(fingerprints(cfg)["source_only"], "target")
+    fingerprint = oracle_fingerprint(cfg)
     stage_dir = cfg.run_dir / "target_oracle"
     done = stage_dir / "done.json"
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
@@ -177,46 +202,20 @@ def record(spec: dict, cfg: Config, arm: str, started: float) -> dict:
 
 
 def calibrate(spec: dict) -> list[dict]:
-    """Source-only against the target-trained model on ``val`` for every preset x strength x seed.
+    """Source-only, AdaBN and the target-trained model on ``val`` for every preset x strength x seed.
 
-    docs/data.md §7: a preset's default strength is chosen where
-    source-only reaches roughly 50-65 % of the target oracle's mIoU, before any adaptation
-    runs and never on the held-out split. The source domain does not depend on the preset or
-    the strength (every shift amount is 0 for the source), so one source-only model per seed,
-    trained in the run ``source-seed<seed>`` (first preset, strength 0), is scored on every
-    target. The oracle is trained for the strengths in ``oracle_grid`` (default: all of
-    ``grid``); elsewhere its cells stay empty. Writes ``calibration.csv`` and returns the rows.
+    docs/data.md §7: a preset's strength is chosen where source-only reaches a set share of the
+    target oracle's mIoU, before any adaptation runs and never on the held-out split. One
+    source-only model per seed (the source domain does not depend on the preset or the
+    strength) is scored on every target; the oracle is trained for the strengths in
+    ``oracle_grid`` (default: all of ``grid``); ``adabn: true`` adds the source model with
+    target BatchNorm statistics, ``plateau: [k, ...]`` source-only models trained k times as
+    long. Cached and resumable; :func:`cag.benchmark_runs.calibrate` does the work and writes
+    ``calibration.csv``, ``calibration_classes.csv`` and ``calibration_runs.json``.
     """
-    from .pipeline import Pipeline
+    from .benchmark_runs import calibrate as run_calibration
 
-    split = spec.get("split", "val")
-    if split == "test":
-        raise ConfigError("calibration.split: the held-out test split is never used for calibration")
-    results = Path(spec["results_dir"])
-    oracle_grid = spec.get("oracle_grid") or spec["grid"]
-    rows, runs = [], []
-    for seed in spec["seeds"]:
-        started = time.time()
-        source_cfg = run_config(spec, name=f"source-seed{seed}", seed=seed, preset=next(iter(spec["grid"])), strength=0.0)
-        run_pipeline(source_cfg, until="source_only")
-        runs.append(record(spec, source_cfg, "source_only", started))
-        source_only = source_cfg.run_dir / "source_only" / "last.pt"
-        for preset, strengths in spec["grid"].items():
-            for strength in strengths:
-                started = time.time()
-                cfg = run_config(spec, name=f"{preset}-{strength:g}-seed{seed}", seed=seed, preset=preset,
-                                 strength=strength)
-                Pipeline(cfg).prepare_data()
-                row = {"preset": preset, "strength": strength, "seed": seed, "split": split,
-                       "source_only": score(cfg, source_only, split)["miou"]}
-                if strength in oracle_grid.get(preset, []):
-                    row["target_oracle"] = score(cfg, train_oracle(cfg) / "last.pt", split)["miou"]
-                    row["ratio"] = row["source_only"] / row["target_oracle"]
-                    runs.append(record(spec, cfg, "target_oracle", started))
-                rows.append(row)
-                write_csv(results / "calibration.csv", rows, CALIBRATION_KEYS)
-                write_runs(results / "calibration_runs.json", runs)
-    return rows
+    return run_calibration(spec)
 
 
 # ----------------------------------------------------------------------------- files
@@ -819,7 +818,11 @@ def paper_table(table: dict) -> str:
 
 
 def run(path, overrides=(), quiet: bool = False) -> dict:
-    """``python -m cag experiments FILE [key=value ...]``: a calibration grid or the benchmark table.
+    """``python -m cag experiments FILE [key=value ...]``: a calibration grid or a benchmark table.
+
+    ``kind: calibration`` runs :func:`calibrate`, ``kind: benchmark`` the first benchmark table
+    (:func:`benchmark`), ``kind: benchmark_v2`` the cached, resumable one of
+    :mod:`cag.benchmark_runs`.
 
     ``overrides`` are appended to the file's own and apply to every run; ``quiet`` silences the
     one line printed per finished run.
@@ -830,4 +833,8 @@ def run(path, overrides=(), quiet: bool = False) -> dict:
     if spec["kind"] == "calibration":
         rows = calibrate(spec)
         return {"calibration": str(Path(spec["results_dir"]) / "calibration.csv"), "rows": len(rows)}
+    if spec["kind"] == "benchmark_v2":
+        from .benchmark_runs import benchmark_v2
+
+        return benchmark_v2(spec)
     return benchmark(spec)

@@ -64,3 +64,68 @@ def test_no_batchnorm_or_no_images_is_an_error():
     with pytest.raises(ValueError, match="no images"):
         adapt_batchnorm(model, [])
     assert torch.equal(model[2].running_mean, kept)  # the statistics it had are kept
+
+
+# ----------------------------------------------------------------------------- saved models
+
+
+def _tiny_cfg(bench, *extra):
+    from pathlib import Path
+
+    from cag.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    return load_config(repo / "configs" / "synthetic.yaml", [
+        f"data.source_root={bench / 'source'}", f"data.target_root={bench / 'target'}", "data.synthetic.root=null",
+        "model.feature_dim=16", "eval.batch_size=4", "quiet=true", "device=cpu", *extra])
+
+
+def _saved_model(cfg, path):
+    from cag.checkpoint import save_checkpoint
+    from cag.stages import make_model
+
+    torch.manual_seed(0)
+    model = make_model(cfg, torch.device("cpu"))
+    save_checkpoint(path, {"format": "cag-model/1", "model": model.state_dict()})
+    return model
+
+
+def _statistics(state):
+    return {k: v for k, v in state.items() if "running_" in k}
+
+
+def test_adapt_checkpoint_re_estimates_on_the_target_train_images(bench, tmp_path):
+    """The adapted file holds the source weights with the BatchNorm statistics of the target *train*
+    images (evaluation transform, batches of eval.batch_size); adapting on val gives other ones."""
+    from cag.adabn import adapt_checkpoint
+    from cag.checkpoint import load_checkpoint
+    from cag.data.datasets import collate
+    from cag.stages import eval_dataset, make_model
+
+    cfg = _tiny_cfg(bench)
+    source = _saved_model(cfg, tmp_path / "source.pt")
+    out = adapt_checkpoint(cfg, tmp_path / "source.pt", tmp_path / "adapted" / "last.pt")
+    adapted = load_checkpoint(out)
+    assert adapted["format"] == "cag-model/1" and adapted["adabn"]["split"] == "train" and adapted["adabn"]["images"] == 8
+
+    expected = make_model(cfg, torch.device("cpu"), tmp_path / "source.pt")
+    loader = torch.utils.data.DataLoader(eval_dataset(cfg, "train"), batch_size=4, collate_fn=collate)
+    adapt_batchnorm(expected, [batch["image"] for batch in loader])
+    want = _statistics(expected.state_dict())
+    assert want and all(torch.allclose(adapted["model"][k], v, atol=1e-6) for k, v in want.items())
+    for key, value in source.state_dict().items():  # every weight as it was
+        if "running_" not in key and "num_batches" not in key:
+            assert torch.equal(adapted["model"][key], value), key
+
+    on_val = load_checkpoint(adapt_checkpoint(cfg, tmp_path / "source.pt", tmp_path / "val.pt", split="val"))
+    assert any(not torch.allclose(on_val["model"][k], v, atol=1e-4) for k, v in want.items())
+
+
+def test_adapt_checkpoint_refuses_a_checkpoint_of_another_network(bench, tmp_path):
+    from cag.adabn import adapt_checkpoint
+    from cag.checkpoint import CheckpointError
+
+    _saved_model(_tiny_cfg(bench, "model.feature_dim=8"), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt"):
+        adapt_checkpoint(_tiny_cfg(bench), tmp_path / "other.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
