@@ -966,9 +966,9 @@ def _runs_record(spec: dict, ctx: Context, runs, wall_seconds: float | None) -> 
 
 def preset_strength(spec: dict, preset: str) -> float:
     """The strength a benchmark preset runs at: its ``strength`` key, else the preset's default."""
-    from .data.synthetic import resolve_strength
+    from .experiments import spec_strength
 
-    return resolve_strength(preset, spec["presets"][preset].get("strength"))
+    return spec_strength(spec, preset, spec["presets"][preset].get("strength"))
 
 
 def in_sweeps(spec: dict, preset: str, seed: int) -> bool:

@@ -114,6 +114,15 @@ def data_root(spec: dict, preset: str, strength: float) -> Path:
     return Path(spec["data_dir"]) / f"{preset}-{strength:g}"
 
 
+def spec_strength(spec: dict, preset: str, strength: float | None) -> float:
+    """``strength``, or the default of ``preset`` in the scene version of the experiment's base
+    configuration (``data.synthetic.version``: the two versions calibrate their presets apart)."""
+    from .data.synthetic import strength_of
+
+    version = load_config(spec["base"], spec["overrides"]).data.synthetic.version
+    return strength_of(preset, strength, version)
+
+
 def run_config(spec: dict, *, name: str, seed: int, preset: str, strength: float | None = None,
                extra=()) -> Config:
     """The base configuration with the benchmark's data, a run name, a seed and ``extra`` overrides.
@@ -121,9 +130,7 @@ def run_config(spec: dict, *, name: str, seed: int, preset: str, strength: float
     The preset's default strength (``cag.data.synthetic.PRESETS``) is written out explicitly,
     so every recorded configuration names the strength it ran with.
     """
-    from .data.synthetic import resolve_strength
-
-    strength = resolve_strength(preset, strength)
+    strength = spec_strength(spec, preset, strength)
     root = data_root(spec, preset, strength)
     overrides = [
         f"name={name}", f"out_dir={spec['runs_dir']}", f"seed={seed}", "quiet=true",

@@ -151,6 +151,21 @@ def test_material_moves_classes_in_different_directions(only):
     assert unit[0] @ unit[1] < 0.5 and unit[1] @ unit[2] < 0.5
 
 
+def test_gaussian_blur_of_an_impulse_is_the_normalised_kernel():
+    """sigma 1: radius 3, weights exp(-k^2 / 2) / their sum; separable, so the 2-d response at
+    (dy, dx) is w[dy] * w[dx]; the total is kept."""
+    image = np.zeros((15, 15, 1), dtype=np.float32)
+    image[7, 7, 0] = 1.0
+    out = ds.gaussian_blur(image, 1.0)[..., 0]
+    w = np.exp(-0.5 * np.arange(-3, 4) ** 2)
+    w /= w.sum()
+    assert out[7, 7] == pytest.approx(w[3] ** 2, rel=1e-6)
+    assert out[7, 9] == pytest.approx(w[3] * w[5], rel=1e-6)
+    assert out[4, 7] == pytest.approx(w[0] * w[3], rel=1e-6) and out[3, 7] == 0.0
+    assert out.sum() == pytest.approx(1.0, rel=1e-6)
+    assert ds.gaussian_blur(image, 0.0) is image
+
+
 def test_optics_blurs_edges():
     def edge_energy(image):
         grey = image.astype(float).mean(axis=2)
@@ -177,3 +192,32 @@ def test_presets_weigh_the_components_and_reject_bad_strengths():
         ds.resolve_strength("class", 2.5)
     with pytest.raises(ValueError, match="preset"):
         ds.check_preset("nope")
+
+
+def rendering_digest() -> str:
+    """sha256 over a few samples of every domain and preset, at fixed strengths."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for preset, strength in (("class", 0.4), ("full", 0.35), ("global", 1.6)):
+        for domain, split in (("source", "train"), ("target", "train"), ("target", "val")):
+            for index in range(3):
+                for layer in ds.render_layers(preset, strength, domain, split, index, (48, 96)):
+                    digest.update(layer.tobytes())
+    return digest.hexdigest()
+
+
+#: The rendering of version 2 as of its format version (cag.data.synthetic.FORMAT_VERSION). The
+#: benchmark table's score cache (results/benchmark/scores/) trusts a generated folder by its
+#: manifest (format version and parameters), not by its pixels: a change of what the generator
+#: draws must come with a FORMAT_VERSION bump, which invalidates every cached score. This digest
+#: is that reminder; update it together with the bump, never alone.
+RENDERING_DIGEST = {1: "d1946cd98bbb6e7bf9e8fe0b8981ed649c6c49c695f8b13ffa24f80417eadc2d"}
+
+
+def test_a_rendering_change_comes_with_a_format_version_bump():
+    expected = RENDERING_DIGEST.get(syn.FORMAT_VERSION)
+    assert expected is not None, f"no rendering digest recorded for FORMAT_VERSION {syn.FORMAT_VERSION}"
+    assert rendering_digest() == expected, (
+        "version-2 scenes render differently: bump cag.data.synthetic.FORMAT_VERSION (cached benchmark "
+        "scores then re-run) and record the new digest here")
