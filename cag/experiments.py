@@ -119,8 +119,10 @@ def spec_strength(spec: dict, preset: str, strength: float | None) -> float:
     configuration (``data.synthetic.version``: the two versions calibrate their presets apart)."""
     from .data.synthetic import strength_of
 
+    if strength is not None:
+        return strength_of(preset, strength, 1)  # an explicit value: only its range is checked
     version = load_config(spec["base"], spec["overrides"]).data.synthetic.version
-    return strength_of(preset, strength, version)
+    return strength_of(preset, None, version)
 
 
 def run_config(spec: dict, *, name: str, seed: int, preset: str, strength: float | None = None,

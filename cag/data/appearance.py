@@ -17,46 +17,29 @@ from __future__ import annotations
 import numpy as np
 
 from .street_scene import BICYCLE, BUS, GLASS, LAMP, LIGHT, RIDER, WALL, WHEEL, WINDOW
-from .synthetic import (BUILDING, CAR, FENCE, PERSON, POLE, ROAD, SIDEWALK, SIGN, SKY, STATIC, TERRAIN, TRUCK,
-                        UNLABELED, VEGETATION, flat_look, textures)
+from . import synthetic
+from .synthetic import ROAD, SIDEWALK, SIGN, SKY, TERRAIN, TRUCK, VEGETATION, flat_look, textures
 
 # fmt: off
-#: Flat class colours of the source domain (RGB).
+#: Flat class colours of the source domain (RGB): version 1's, plus the five new classes.
 SOURCE_COLOURS = {
-    UNLABELED: (25, 25, 30),    STATIC: (110, 80, 50),
-    ROAD: (95, 90, 105),        SIDEWALK: (175, 150, 170), BUILDING: (120, 115, 110),
-    WALL: (102, 102, 156),      FENCE: (190, 153, 153),    POLE: (153, 153, 153),
-    LIGHT: (250, 170, 30),      SIGN: (220, 220, 0),       VEGETATION: (107, 142, 35),
-    TERRAIN: (152, 200, 120),   SKY: (70, 130, 180),       PERSON: (220, 20, 60),
-    RIDER: (255, 60, 0),        CAR: (0, 0, 142),          TRUCK: (230, 120, 20),
-    BUS: (0, 90, 140),          BICYCLE: (119, 11, 32),
+    **synthetic.SOURCE_COLOURS,
+    WALL: (102, 102, 156),  LIGHT: (250, 170, 30),  RIDER: (255, 60, 0),
+    BUS: (0, 90, 140),      BICYCLE: (119, 11, 32),
 }
-#: Class colours of the target domain: every class moves in its own direction.
+#: Class colours of the target domain (every class moves in its own direction): version 1's,
+#: the five new classes, and traffic signs turned blue (version 1's stay yellow, as the source's).
 TARGET_COLOURS = {
-    UNLABELED: (40, 35, 30),    STATIC: (90, 90, 90),
-    ROAD: (150, 135, 120),      SIDEWALK: (120, 105, 100), BUILDING: (175, 140, 110),
-    WALL: (160, 160, 150),      FENCE: (110, 100, 80),     POLE: (70, 70, 75),
-    LIGHT: (40, 45, 40),        SIGN: (40, 90, 190),       VEGETATION: (45, 85, 40),
-    TERRAIN: (150, 135, 80),    SKY: (205, 210, 215),      PERSON: (50, 50, 60),
-    RIDER: (60, 70, 110),       CAR: (95, 95, 100),        TRUCK: (215, 215, 205),
-    BUS: (200, 40, 40),         BICYCLE: (30, 30, 30),
-}
-#: Per-instance colours: saturated source cars against achromatic target cars, bright source
-#: clothes against dark target clothes.
-SOURCE_INSTANCE_COLOURS = {
-    CAR: ((200, 30, 30), (30, 60, 200), (230, 200, 30), (40, 170, 60)),
-    PERSON: ((220, 20, 60), (250, 120, 0), (30, 160, 220), (150, 40, 200)),
-}
-TARGET_INSTANCE_COLOURS = {
-    CAR: ((225, 225, 225), (160, 160, 165), (95, 95, 100), (30, 30, 35)),
-    PERSON: ((50, 50, 60), (80, 60, 50), (40, 40, 40), (100, 100, 110)),
-}
-#: Target materials: (texture kind, amplitude); kinds are zero-mean modulations (cag.data.synthetic.textures).
-TARGET_TEXTURES = {
-    ROAD: ("gravel", 0.15), SIDEWALK: ("tiles", 0.15), BUILDING: ("bricks", 0.2), WALL: ("tiles", 0.2),
-    VEGETATION: ("leaves", 0.35), TERRAIN: ("grass", 0.25), SKY: ("clouds", 0.08), FENCE: ("planks", 0.2),
+    **synthetic.TARGET_COLOURS,
+    WALL: (160, 160, 150),  LIGHT: (40, 45, 40),    RIDER: (60, 70, 110),
+    BUS: (200, 40, 40),     BICYCLE: (30, 30, 30),  SIGN: (40, 90, 190),
 }
 # fmt: on
+#: Per-instance colours (saturated source cars and clothes, achromatic and dark target ones).
+SOURCE_INSTANCE_COLOURS = synthetic.SOURCE_INSTANCE_COLOURS
+TARGET_INSTANCE_COLOURS = synthetic.TARGET_INSTANCE_COLOURS
+#: Target materials (texture kind, amplitude): version 1's, and walls tiled.
+TARGET_TEXTURES = {**synthetic.TARGET_TEXTURES, WALL: ("tiles", 0.2)}
 
 #: Target class -> the source class whose look it takes (its source colour, no texture).
 LOOK_ALIKES = {SIDEWALK: ROAD, TERRAIN: VEGETATION, BUS: TRUCK}
