@@ -65,7 +65,7 @@ def target_images(cfg, split: str = "train"):
     """The target ``split`` of ``cfg`` as the evaluation sees it, without labels.
 
     The images go through the configuration's evaluation transform (``eval.resize``, else full
-    resolution; no crop, no flip), as :func:`cag.stages.eval_dataset` prepares them for scoring,
+    resolution; no crop, no flip), as ``cag.stages.eval_dataset`` prepares them for scoring,
     so the statistics are those of the images the adapted model is then scored on. Labels are
     not even opened (``labels=False``).
     """

@@ -25,7 +25,7 @@ from:
 * ``seed``, ``commit``, ``wall_seconds`` (training), ``score_seconds``.
 
 A unit whose file holds other values than the current ones is re-run and its file replaced,
-never reused. Files are written atomically (temporary file, then :func:`os.replace`).
+never reused. Files are written atomically (temporary file, then ``os.replace``).
 
 **Runs and their chain.** One source-only model per seed (``source-seed<s>``, trained on the
 strength-0 data of the first preset: the source domain does not depend on the preset or

@@ -247,8 +247,8 @@ def verdict(row, name_a: str | None = None, name_b: str | None = None, unit_scal
     """One English sentence about ``arm_a - arm_b`` generated from the row's interval.
 
     Values are multiplied by ``unit_scale`` (fractions to mIoU points) and printed with ``digits``
-    decimals. ``ci_low > 0``: "A is better than B by |mean| ..."; ``ci_high < 0``: "A is worse
-    than B by |mean| ..."; otherwise "No detectable difference ...". The interval is always
+    decimals. ``ci_low > 0``: "A is better than B by the absolute mean difference ..."; ``ci_high < 0``: "A is worse
+    than B by the absolute mean difference ..."; otherwise "No detectable difference ...". The interval is always
     printed as signed values of ``a - b``. One seed: no interval, only the mean difference.
     """
     name_a = row["arm_a"] if name_a is None else name_a

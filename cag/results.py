@@ -296,7 +296,7 @@ def calibration_verdicts(rows: list[dict], class_rows: list[dict], preset: str, 
     Returns the numbers (``ratio``, ``closure``, ``floor_class``, ``floor_iou``,
     ``plateau_change`` in points) and for each aim a boolean: ``ratio_ok`` (``RATIO_BAND``,
     ends included), ``closure_ok`` (<= ``MAX_CLOSURE``), ``floor_ok`` (>= ``MIN_ORACLE_CLASS_IOU``),
-    ``plateau_ok`` (|change| < ``MAX_PLATEAU_CHANGE`` on every longer schedule). An aim whose
+    ``plateau_ok`` (absolute change < ``MAX_PLATEAU_CHANGE`` on every longer schedule). An aim whose
     number was not measured is None. ``closure_applies`` is False outside ``CLOSURE_PRESETS``;
     ``all_ok`` is True when every applicable aim is True.
     """

@@ -4,7 +4,7 @@ A scene is rasterised into three aligned 8-bit maps: Cityscapes labelIds, instan
 detail codes (windows, glass, wheels, lamps: shape cues shared by both domains). Version 2 holds
 17 of the 19 evaluated Cityscapes classes (all but train and motorcycle), small ones included,
 at sizes a 96-row image can resolve: every length is given in pixels of a 96-row image and
-scaled with the image height (:meth:`Canvas.px`), so poles, signs, lights, persons, riders and
+scaled with the image height (:func:`px`), so poles, signs, lights, persons, riders and
 bicycles stay visible whatever the size, and small (each under 3 % of the pixels).
 
 Two of the five shift components (:mod:`cag.data.domain_shift`) act here:
