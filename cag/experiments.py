@@ -22,8 +22,9 @@ functions at the end read those files back as tables and figures for the book's 
 The calibration (``kind: calibration``; with ``jobs``, ``plateau`` and ``adabn`` for the
 version-2 benchmark, ``configs/experiments/calibration_v2.yaml``) and the second benchmark table
 (``kind: benchmark_v2``, ``configs/experiments/benchmark_v2.yaml``) run in
-:mod:`cag.benchmark_runs`: resumable across sessions and machines through a committed cache of
-scored units (``<results_dir>/scores/``).
+:mod:`cag.calibration` and :mod:`cag.benchmark_table` (their runs and jobs:
+:mod:`cag.benchmark_runs`): resumable across sessions and machines through a committed cache of
+scored units (``<results_dir>/scores/``, :mod:`cag.score_cache`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ import numpy as np
 import torch
 import yaml
 
-from .benchmark_runs import CALIBRATION_KEYS  # noqa: F401  (the columns of calibration.csv)
 from .config import Config, ConfigError, load_config
 from .labels import class_names
 
@@ -74,7 +74,7 @@ def load_spec(path) -> dict:
 
     Unknown keys and a missing base configuration are refused with the file and key named. The
     file's path is kept as ``spec["_file"]`` for the messages of the kind-specific checks
-    (:func:`cag.benchmark_runs.check_calibration_spec`, :func:`cag.benchmark_runs.check_benchmark_spec`).
+    (:func:`cag.calibration.check_calibration_spec`, :func:`cag.benchmark_table.check_benchmark_spec`).
     """
     path = Path(path)
     if not path.is_file():
@@ -219,10 +219,10 @@ def calibrate(spec: dict) -> list[dict]:
     strength) is scored on every target; the oracle is trained for the strengths in
     ``oracle_grid`` (default: all of ``grid``); ``adabn: true`` adds the source model with
     target BatchNorm statistics, ``plateau: [k, ...]`` source-only models trained k times as
-    long. Cached and resumable; :func:`cag.benchmark_runs.calibrate` does the work and writes
+    long. Cached and resumable; :func:`cag.calibration.calibrate` does the work and writes
     ``calibration.csv``, ``calibration_classes.csv`` and ``calibration_runs.json``.
     """
-    from .benchmark_runs import calibrate as run_calibration
+    from .calibration import calibrate as run_calibration
 
     return run_calibration(spec)
 
@@ -831,7 +831,7 @@ def run(path, overrides=(), quiet: bool = False) -> dict:
 
     ``kind: calibration`` runs :func:`calibrate`, ``kind: benchmark`` the first benchmark table
     (:func:`benchmark`), ``kind: benchmark_v2`` the cached, resumable one of
-    :mod:`cag.benchmark_runs`.
+    :mod:`cag.benchmark_table`.
 
     ``overrides`` are appended to the file's own and apply to every run; ``quiet`` silences the
     one line printed per finished run.
@@ -843,7 +843,7 @@ def run(path, overrides=(), quiet: bool = False) -> dict:
         rows = calibrate(spec)
         return {"calibration": str(Path(spec["results_dir"]) / "calibration.csv"), "rows": len(rows)}
     if spec["kind"] == "benchmark_v2":
-        from .benchmark_runs import benchmark_v2
+        from .benchmark_table import benchmark_v2
 
         return benchmark_v2(spec)
     return benchmark(spec)

@@ -1,8 +1,8 @@
 """Tables and sentences of the benchmark's results files (``results/benchmark/*.csv``).
 
-The files are written by :mod:`cag.benchmark_runs` (``python -m cag experiments
-configs/experiments/calibration_v2.yaml`` and ``.../benchmark_v2.yaml``); the book's results
-chapter reads them with :func:`read_csv` and shows the tables below, the figures of
+The files are written by :mod:`cag.calibration` and :mod:`cag.benchmark_table` (``python -m cag
+experiments configs/experiments/calibration_v2.yaml`` and ``.../benchmark_v2.yaml``); the book's
+results chapter reads them with :func:`read_csv` and shows the tables below, the figures of
 :mod:`cag.figures` (``plot_arms`` ...) and the sentences of :func:`say`. Values stay fractions
 (mIoU 0.5 = 50 %) unless a name says "points".
 
@@ -145,7 +145,7 @@ def select(rows: list[dict], preset: str, checkpoint: str = "last") -> list[dict
     """summary.csv rows of one preset at one checkpoint, one per (arm, seed).
 
     summary.csv leaves out a ``best_val`` row whose checkpoint is the same weights as ``last``
-    (:func:`cag.benchmark_runs.benchmark_tables`), so for ``best_val`` the ``last`` row of that
+    (:func:`cag.benchmark_table.benchmark_tables`), so for ``best_val`` the ``last`` row of that
     arm and seed stands in where no ``best_val`` row exists.
     """
     rows = [r for r in rows if r["preset"] == preset]
@@ -234,12 +234,12 @@ def calibration_table(rows: list[dict]) -> list[dict]:
     Dicts ``{preset, strength, source_only, adabn, target_oracle, ratio, closure, n, n_oracle}``:
     each mean is over the seeds that have that value (None where none has); ``n`` counts the
     seeds with a source-only score, ``n_oracle`` those with an oracle. ``ratio`` and ``closure``
-    (:func:`cag.benchmark_runs.ratio_and_closure`) are of the **means**, not means of the
+    (:func:`cag.calibration.ratio_and_closure`) are of the **means**, not means of the
     per-seed ratios: the aims are stated about the mean model (docs/data.md §7), and a per-seed
     ratio divides by one noisy oracle (and the closure by a per-seed gap oracle - source-only
     that can come close to 0), so one seed could dominate a mean of ratios.
     """
-    from .benchmark_runs import ratio_and_closure
+    from .calibration import ratio_and_closure
 
     base = _base_iters(rows)
     rows = [r for r in rows if r["source_iters"] == base]

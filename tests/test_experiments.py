@@ -261,7 +261,7 @@ def test_per_class_mean_std_formats_points_over_seeds_and_drops_absent_classes()
     assert table == {"arm": "warmup", "mIoU": "32.0 ± 2.8", "road": "85.0 ± 7.1"}
 
 
-# ============================================================================= cag.benchmark_runs
+# ============================================ cag.calibration, cag.benchmark_table, cag.benchmark_runs, cag.score_cache
 
 
 import json  # noqa: E402
@@ -270,6 +270,9 @@ import shutil  # noqa: E402
 import yaml  # noqa: E402
 
 from cag import benchmark_runs as br  # noqa: E402
+from cag import benchmark_table as bt  # noqa: E402
+from cag import calibration as cal  # noqa: E402
+from cag import score_cache as sc  # noqa: E402
 
 #: A schedule of a few iterations on 32x64 scenes, for the experiment-file tests.
 TINY_RUNS = [
@@ -325,12 +328,12 @@ class Spy:
 
 
 def test_ratio_and_closure_by_hand():
-    ratio, closure = br.ratio_and_closure(0.30, 0.36, 0.60)
+    ratio, closure = cal.ratio_and_closure(0.30, 0.36, 0.60)
     assert ratio == pytest.approx(0.5) and closure == pytest.approx(0.06 / 0.30)  # AdaBN closes 20 % of the gap
-    assert br.ratio_and_closure(0.30, 0.24, 0.60)[1] == pytest.approx(-0.2)  # worse than source-only
-    assert br.ratio_and_closure(0.30, 0.36, None) == (None, None)
-    assert br.ratio_and_closure(0.30, None, 0.60) == (pytest.approx(0.5), None)
-    assert br.ratio_and_closure(0.30, 0.36, 0.30)[1] is None  # no gap to close
+    assert cal.ratio_and_closure(0.30, 0.24, 0.60)[1] == pytest.approx(-0.2)  # worse than source-only
+    assert cal.ratio_and_closure(0.30, 0.36, None) == (None, None)
+    assert cal.ratio_and_closure(0.30, None, 0.60) == (pytest.approx(0.5), None)
+    assert cal.ratio_and_closure(0.30, 0.36, 0.30)[1] is None  # no gap to close
 
 
 def test_smallest_gap_skips_invalid_anchors_and_delta_d_is_a_fraction_of_it():
@@ -338,24 +341,24 @@ def test_smallest_gap_skips_invalid_anchors_and_delta_d_is_a_fraction_of_it():
     counts = torch.tensor([5.0, 3.0, 0.0, 2.0])  # anchor 2 (1 away from anchor 0) has no pixels
     gap, pair = br.smallest_anchor_gap(anchors, counts)
     assert gap == pytest.approx(5.0) and pair == (0, 1)
-    assert br.delta_d_value(0.3, gap) == pytest.approx(1.5)
-    assert br.delta_d_value(0.1, 1 / 3) == 0.0333333
+    assert bt.delta_d_value(0.3, gap) == pytest.approx(1.5)
+    assert bt.delta_d_value(0.1, 1 / 3) == 0.0333333
     with pytest.raises(ValueError, match="at least two"):
         br.smallest_anchor_gap(anchors, torch.tensor([1.0, 0.0, 0.0, 0.0]))
 
 
 def test_anchor_activity_is_active_over_evaluated_and_correct_over_active():
     counts = {"active": 5, "evaluated": 20, "correct": [1, 2, 0], "assigned": [2, 3, 0]}
-    assert br.anchor_activity(counts) == (0.25, pytest.approx(0.6))
-    assert br.anchor_activity({"active": 0, "evaluated": 20, "correct": [0]}) == (0.0, None)
+    assert bt.anchor_activity(counts) == (0.25, pytest.approx(0.6))
+    assert bt.anchor_activity({"active": 0, "evaluated": 20, "correct": [0]}) == (0.0, None)
 
 
 # ----------------------------------------------------------------------------- the score cache
 
 
 def test_score_cache_accepts_only_matching_records_and_writes_atomically(tmp_path):
-    cache = br.ScoreCache(tmp_path)
-    unit = br.Unit("class-0.4-seed1", "source_only-last-val", "f" * 16, "s" * 16, {"d": {"format_version": 2}}, 1)
+    cache = sc.ScoreCache(tmp_path)
+    unit = sc.Unit("class-0.4-seed1", "source_only-last-val", "f" * 16, "s" * 16, {"d": {"format_version": 2}}, 1)
     assert cache.status(unit) == "missing" and cache.get(unit) is None
     cache.put(unit, {"miou": 0.5, "per_class_iou": {"road": 0.9}}, wall_seconds=12.34, score_seconds=1.0)
     path = tmp_path / "scores" / "class-0.4-seed1" / "source_only-last-val.json"
@@ -364,7 +367,7 @@ def test_score_cache_accepts_only_matching_records_and_writes_atomically(tmp_pat
     assert {"fingerprint", "scoring", "data", "seed", "commit", "wall_seconds", "score_seconds"} <= set(record)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
     for field, value in (("fingerprint", "0" * 16), ("scoring", "x"), ("data", {"d": {"format_version": 1}})):
-        other = br.Unit(**{**unit.__dict__, field: value})
+        other = sc.Unit(**{**unit.__dict__, field: value})
         assert cache.status(other) == "stale" and cache.get(other) is None, field
     path.write_text("{not json")
     assert cache.status(unit) == "missing"
@@ -372,10 +375,10 @@ def test_score_cache_accepts_only_matching_records_and_writes_atomically(tmp_pat
 
 def test_data_identity_names_a_missing_or_incomplete_manifest(tmp_path):
     with pytest.raises(ConfigError, match="benchmark.json: no benchmark manifest"):
-        br.data_identity(tmp_path)
+        sc.data_identity(tmp_path)
     (tmp_path / "benchmark.json").write_text(json.dumps({"complete": False, "parameters": {}, "format_version": 1}))
     with pytest.raises(ConfigError, match="incomplete"):
-        br.data_identity(tmp_path)
+        sc.data_identity(tmp_path)
 
 
 # ----------------------------------------------------------------------------- experiment-file checks
@@ -425,13 +428,13 @@ def v2_spec(**changes) -> dict:
 ])
 def test_benchmark_v2_files_are_checked_before_any_work(changes, message):
     with pytest.raises(ConfigError, match=message):
-        br.check_benchmark_spec(v2_spec(**changes))
+        bt.check_benchmark_spec(v2_spec(**changes))
 
 
 def test_a_valid_benchmark_v2_spec_passes_and_lists_what_it_produces():
     spec = v2_spec()
-    br.check_benchmark_spec(spec)
-    produced = br.produced_arms(spec, "class")
+    bt.check_benchmark_spec(spec)
+    produced = bt.produced_arms(spec, "class")
     assert set(produced) == {"source_only", "warmup", "cag_stage1", "cag_stage2", "cag_stage3", "cag_long_stage1",
                              "cag_long_stage2", "cag_long_stage3"}
 
@@ -448,7 +451,7 @@ def test_calibration_files_are_checked_before_any_work(changes, message):
     spec = {"_file": "cal.yaml", "base": str(REPO / "configs" / "synthetic.yaml"), "overrides": [], "seeds": [1],
             "grid": {"class": [0.3, 0.4]}, **changes}
     with pytest.raises(ConfigError, match=f"cal.yaml: {message}"):
-        br.check_calibration_spec(spec)
+        cal.check_calibration_spec(spec)
 
 
 def test_load_spec_knows_the_new_keys_and_kind(tmp_path, monkeypatch):
@@ -468,10 +471,10 @@ def test_shipped_v2_experiment_files_pass_their_checks(monkeypatch, name):
     monkeypatch.chdir(REPO)
     spec = ex.load_spec(REPO / "configs" / "experiments" / name)
     if spec["kind"] == "calibration":
-        br.check_calibration_spec(spec)
+        cal.check_calibration_spec(spec)
         assert spec["seeds"] == [1, 2, 3] and spec["plateau"] == [2] and spec["adabn"] is True
         return
-    br.check_benchmark_spec(spec)
+    bt.check_benchmark_spec(spec)
     assert spec["presets"]["class"]["seeds"] == [1, 2, 3, 4, 5]
     assert len(spec["comparisons"]) >= 20
     base = load_config(spec["base"])
@@ -496,7 +499,7 @@ def test_calibration_runs_once_then_only_what_the_cache_lacks(tmp_path, monkeypa
     assert spy.adapted == ["train", "train"]  # AdaBN on the target train images of each cell, never val
     assert all(split == "val" for _, split in spy.scored) and len(spy.scored) == 2 + 2 + 2 + 1
     rows = ex.read_csv(results / "calibration.csv")
-    assert list(rows[0]) == list(br.CALIBRATION_KEYS)
+    assert list(rows[0]) == list(cal.CALIBRATION_KEYS)
     assert [(r["strength"], r["source_iters"]) for r in rows] == [(0.3, 4), (0.3, 8), (0.45, 4), (0.45, 8)]
     cell = {arm: json.loads((results / "scores" / "class-0.45-seed1" / f"{arm}-last-val.json").read_text())["miou"]
             for arm in ("source_only", "adabn", "target_oracle")}

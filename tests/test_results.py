@@ -22,7 +22,7 @@ COMPARISON_COLUMNS = ("preset", "arm_a", "arm_b", "checkpoint", "mean_diff", "ci
 
 
 def write(path, columns, rows):
-    """A CSV as cag.benchmark_runs writes it: None as an empty cell."""
+    """A CSV as cag.calibration and cag.benchmark_table write it: None as an empty cell."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)

@@ -6,9 +6,10 @@ placeholder results files to develop it against.
     python book/drafts/make_08.py --execute DIR        # write, then run it on DIR (papermill)
 
 ``--fake`` writes the six CSV files and the two JSON files of ``results/benchmark/`` (formats of
-``cag.benchmark_runs``) with made-up but plausible values: 5 seeds on ``class``, 3 on ``global`` and
-``full``, every arm and every declared comparison of ``configs/experiments/benchmark_v2.yaml``
-(the comparisons computed from the fake summary by ``cag.benchmark_runs.comparison_results``).
+``cag.calibration`` and ``cag.benchmark_table``) with made-up but plausible values: 5 seeds on
+``class``, 3 on ``global`` and ``full``, every arm and every declared comparison of
+``configs/experiments/benchmark_v2.yaml`` (the comparisons computed from the fake summary by
+``cag.benchmark_table.comparison_results``).
 They are placeholders for the chapter's layout, never results.
 
 ``--execute`` runs the notebook with ``results_dir=DIR`` through ``cag.book.execute`` (papermill,
@@ -268,7 +269,7 @@ nothing); the calibration table computes them from the means over seeds:
 """)
 
 code(r'''
-from cag.benchmark_runs import ratio_and_closure
+from cag.calibration import ratio_and_closure
 
 listing(ratio_and_closure)
 ''', check=True)
@@ -642,7 +643,8 @@ seed's smallest anchor gap (of the warm-up model's anchors):
 """)
 
 code(r'''
-from cag.benchmark_runs import delta_d_value, smallest_anchor_gap
+from cag.benchmark_runs import smallest_anchor_gap
+from cag.benchmark_table import delta_d_value
 
 listing(smallest_anchor_gap, delta_d_value)
 ''', check=True)
@@ -791,13 +793,15 @@ def execute(results_dir: str) -> Path:
 
 
 def fake(out: Path) -> None:
-    """Placeholder results files in ``out`` (formats of cag.benchmark_runs; values made up)."""
+    """Placeholder results files in ``out`` (formats of cag.calibration and cag.benchmark_table;
+    values made up)."""
     import os
 
     import numpy as np
 
     os.chdir(REPO)
-    from cag import benchmark_runs, comparisons
+    from cag import benchmark_table, comparisons
+    from cag.calibration import CALIBRATION_CLASS_KEYS, CALIBRATION_KEYS, ratio_and_closure
     from cag.experiments import PSEUDO_LABEL_KEYS, SUMMARY_KEYS, load_spec, write_csv, write_runs
     from cag.labels import class_names
 
@@ -851,7 +855,7 @@ def fake(out: Path) -> None:
     write_csv(out / "summary.csv", summary, SUMMARY_KEYS, names)
 
     spec = load_spec("configs/experiments/benchmark_v2.yaml")
-    compared = benchmark_runs.comparison_results(spec, summary, final=True)
+    compared = benchmark_table.comparison_results(spec, summary, final=True)
     comparisons.write_comparisons(out / "comparisons.csv", compared)
 
     deltas = []
@@ -862,12 +866,12 @@ def fake(out: Path) -> None:
             for stage in (1, 2, 3):
                 deltas.append({"preset": "class", "seed": seed, "fraction": fraction,
                                "smallest_gap": gap,
-                               "delta_d": benchmark_runs.delta_d_value(fraction, gap),
+                               "delta_d": benchmark_table.delta_d_value(fraction, gap),
                                "stage": stage,
                                "active_fraction": min(1.0, active + 0.04 * stage + rng.normal(0, .02)),
                                "active_precision": precision - 0.01 * stage + rng.normal(0, .01),
                                "miou": 0.50 + gain + 0.01 * stage + rng.normal(0, .015)})
-    write_csv(out / "delta_d.csv", deltas, benchmark_runs.DELTA_D_KEYS)
+    write_csv(out / "delta_d.csv", deltas, benchmark_table.DELTA_D_KEYS)
 
     labels = []
     cells = 600 * 24 * 48
@@ -915,15 +919,14 @@ def fake(out: Path) -> None:
                                              else 0.3, 1)) for n, v in offsets.items()}
                     values[arm] = float(np.mean(list(ious.values())))
                     class_rows.append({**common, "arm": arm, **ious})
-                ratio, closure = benchmark_runs.ratio_and_closure(values["source_only"],
-                                                                  values["adabn"],
-                                                                  values["target_oracle"])
+                ratio, closure = ratio_and_closure(values["source_only"], values["adabn"],
+                                                   values["target_oracle"])
                 calibration.append({**common, "source_iters": 4000, **values, "ratio": ratio,
                                     "closure": closure})
                 calibration.append({**common, "source_iters": 8000,
                                     "source_only": values["source_only"] + rng.normal(0.003, 0.004)})
-    write_csv(out / "calibration.csv", calibration, benchmark_runs.CALIBRATION_KEYS)
-    write_csv(out / "calibration_classes.csv", class_rows, benchmark_runs.CALIBRATION_CLASS_KEYS,
+    write_csv(out / "calibration.csv", calibration, CALIBRATION_KEYS)
+    write_csv(out / "calibration_classes.csv", class_rows, CALIBRATION_CLASS_KEYS,
               names)
     record = {"complete": True, "wall_seconds": 54321.0, "jobs": 3, "commit": "f" * 40,
               "runs": [{"run": "placeholder"}] * 3}
