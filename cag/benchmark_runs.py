@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, load_config
-from .score_cache import ScoreCache, Unit, announce, current_commit, data_identity, scoring_digest, short_digest
+from .score_cache import (ScoreCache, Unit, announce, current_commit, data_identity, scoring_digest, short_digest,
+                          weights_digest)
 
 #: Checkpoints of a training stage that the benchmark scores (``best_val`` only when it differs).
 CHECKPOINTS = ("last", "best_val")
@@ -136,6 +137,25 @@ class Run:
         """:func:`cag.score_cache.data_identity` of every data folder of :meth:`roots`."""
         return {str(root): data_identity(root) for root in self.roots()}
 
+    def lineage(self) -> str | None:
+        """The :func:`cag.score_cache.weights_digest` of the source-only model this run descends from
+        (:mod:`cag.score_cache`, *Lineage*): the one its upstream export records when that exists
+        (what this run starts from), else the root run's trained ``source_only/last.pt``; None for
+        the oracle and while that model is not trained on the current data in this checkout."""
+        if self.upstream is not None:
+            upstream, stage = self.upstream
+            export = upstream.export_path(stage)
+            return (export_lineage(export) if export.is_file() else None) or upstream.lineage()
+        if self.oracle:
+            return None
+        stage_dir = self.stage_dir("source_only")
+        done, last, marker = stage_dir / "done.json", stage_dir / "last.pt", self.cfg.run_dir / "data-identity.json"
+        if not (last.is_file() and done.is_file() and marker.is_file()
+                and json.loads(done.read_text()).get("fingerprint") == self.fingerprint("source_only")
+                and json.loads(marker.read_text()) == self.identity()):
+            return None
+        return weights_digest(last)
+
     def export_path(self, stage: str) -> Path:
         """Where the model of ``stage`` is exported for the runs that start from it (module docstring)."""
         digest = short_digest(self.fingerprint(stage), self.identity())
@@ -171,6 +191,7 @@ class Job:
         if self.kind == "pending":
             return []
         run = self.run
+        lineage = run.lineage()
         if self.kind in ("transfer", "adabn"):
             data = {**run.identity(), str(self._target_root()): data_identity(self._target_root())}
             out = []
@@ -179,18 +200,19 @@ class Job:
                 for checkpoint in self.checkpoints:
                     fp = base if self.kind == "transfer" else self.adabn_fingerprint(base, checkpoint)
                     out.append(Unit(self.label, f"{arm}-{checkpoint}-{self.split}", fp,
-                                    scoring_digest(self.target, self.split), data, self.seed, stage, checkpoint))
+                                    scoring_digest(self.target, self.split), data, self.seed, stage, checkpoint,
+                                    lineage))
             return out
         data = run.identity()
         if self.kind == "gap":
             return [Unit(self.label, "anchors-gap-source", run.fingerprint("anchors"), "gap/1", data, self.seed,
-                         "anchors", "gap")]
+                         "anchors", "gap", lineage)]
         out = [Unit(self.label, f"{stage}-{checkpoint}-{self.split}", run.fingerprint(stage),
-                    scoring_digest(run.cfg, self.split), data, self.seed, stage, checkpoint)
+                    scoring_digest(run.cfg, self.split), data, self.seed, stage, checkpoint, lineage)
                for stage in self.stages for checkpoint in self.checkpoints]
         if self.labellers:
             out += [Unit(self.label, f"stage{k}-labeller-train", run.fingerprint(f"stage{k}"), "labeller/1", data,
-                         self.seed, f"stage{k}", "labeller") for k in range(1, run.cfg.cag.stages + 1)]
+                         self.seed, f"stage{k}", "labeller", lineage) for k in range(1, run.cfg.cag.stages + 1)]
         return out
 
     def _target_root(self) -> Path:
@@ -285,11 +307,15 @@ class Context:
 
         path = run.export_path(stage)
         if path.is_file():
+            recorded, current = export_lineage(path), run.lineage()
+            if None not in (recorded, current) and recorded != current:
+                raise RuntimeError(f"{path}: exported from source-only model {recorded}, but {run.cfg.run_dir} now "
+                                   f"descends from {current} (retrained?); delete {path} and the runs trained from it")
             return path
         self.ensure_trained(run)
         source = Pipeline(run.cfg).model_of(stage)
         save_checkpoint(path, {"format": "cag-model/1", "model": read_model_state(source), "exported_from": str(source),
-                               "fingerprint": run.fingerprint(stage)})
+                               "fingerprint": run.fingerprint(stage), "lineage": run.lineage()})
         return path
 
     # -- jobs -----------------------------------------------------------------------------
@@ -324,6 +350,8 @@ class Context:
         if not todo:
             return 0
         self.ensure_trained(job.run)
+        # trained now: the lineage is known, and a unit recorded from another source-only model is stale too
+        todo = [u for u in job.units() if self.cache.status(u, report=True) != "valid"]
         for unit in todo:
             started = time.time()
             payload, wall = self._measure(job, unit)
@@ -384,6 +412,20 @@ class Context:
         gap, (i, j) = smallest_anchor_gap(anchors, counts)
         names = class_names(run.cfg.data.num_classes)
         return {"smallest_gap": gap, "pair": [names[i], names[j]], "valid_anchors": int((counts > 0).sum())}
+
+
+_EXPORT_LINEAGES: dict = {}
+
+
+def export_lineage(path: Path) -> str | None:
+    """The lineage an exported model records (None for an export made before lineages were)."""
+    from .checkpoint import load_checkpoint
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _EXPORT_LINEAGES:
+        _EXPORT_LINEAGES[key] = load_checkpoint(path).get("lineage")
+    return _EXPORT_LINEAGES[key]
 
 
 def _best_is_last(stage_dir: Path) -> bool:

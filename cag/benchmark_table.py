@@ -17,7 +17,7 @@ from pathlib import Path
 from .benchmark_runs import (CHECKPOINTS, Context, Job, Run, cell_label, check_jobs, generate_data, is_number,
                              preset_names, run_tasks, runs_record, source_run, target_config)
 from .config import ConfigError, load_config
-from .score_cache import ScoreCache
+from .score_cache import ScoreCache, check_lineage
 
 #: Columns of ``delta_d.csv``.
 DELTA_D_KEYS = ("preset", "seed", "fraction", "smallest_gap", "delta_d", "stage", "active_fraction",
@@ -223,6 +223,8 @@ def benchmark_tables(spec: dict, ctx: Context | None = None) -> dict:
     for preset, seed in _benchmark_groups(spec):
         group = group_jobs(spec, preset, seed, ctx)
         runs.setdefault(source_run(spec, seed).name, source_run(spec, seed))
+        check_lineage({ctx.cache.path(u): ctx.cache.get(u) for job in group for u in job.units()},
+                      f"preset {preset}, seed {seed}")
         for job in group:
             if job.kind not in ("pending", "gap") or job.run.name not in runs:
                 runs[job.run.name] = job.run

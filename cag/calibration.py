@@ -15,7 +15,7 @@ from pathlib import Path
 from .benchmark_runs import (Context, Job, Run, cell_label, check_jobs, generate_data, is_number, preset_names,
                              run_tasks, runs_record, source_run, target_config)
 from .config import ConfigError, load_config
-from .score_cache import ScoreCache
+from .score_cache import ScoreCache, check_lineage
 
 #: Columns of ``calibration.csv``.
 CALIBRATION_KEYS = ("preset", "strength", "seed", "split", "source_iters", "source_only", "adabn", "target_oracle",
@@ -131,12 +131,16 @@ def calibration_rows(spec: dict, ctx: Context | None = None) -> tuple[list[dict]
     base = load_config(spec["base"], spec["overrides"])
     names = class_names(base.data.num_classes)
     found: dict = {}
+    by_run: dict = {}  # every unit scored from one run's model must descend from one source-only model
     for task in calibration_tasks(spec):
         for job in calibration_jobs(spec, task):
             for unit in job.units():
                 record = ctx.cache.get(unit)
                 if record is not None:
                     found[(job.seed, job.preset, job.strength, job.arm)] = record
+                    by_run.setdefault(job.run.name, {})[ctx.cache.path(unit)] = record
+    for name, records in by_run.items():
+        check_lineage(records, f"calibration, run {name}")
     rows, class_rows = [], []
     for seed in spec["seeds"]:
         for preset, strength in _cells(spec):

@@ -23,10 +23,20 @@ from:
 * ``data``: the generator's identity of every data folder involved (``format_version`` and
   ``parameters`` of each ``<data root>/benchmark.json``), so a new generator never reuses old
   numbers;
+* ``lineage``: the :func:`weights_digest` of the source-only model the scored model descends
+  from (none for the target-trained oracle);
 * ``seed``, ``commit``, ``wall_seconds`` (training), ``score_seconds``.
 
 A unit whose file holds other values than the current ones is re-run and its file replaced,
 never reused. Files are written atomically (temporary file, then ``os.replace``).
+
+**Lineage.** CPU training is deterministic on one machine, but not bit-identical across machines
+(the float arithmetic of another CPU or library build differs in the last bits, and training
+amplifies it). A source-only model retrained in another session may therefore differ from the one
+that earlier units of its seed came from, and a paired difference must never mix the two. While
+a seed's source-only model is trained in the checkout its digest is known, and a unit recorded
+from another one is stale (re-run); the tables refuse records of one seed with two lineages
+(:func:`check_lineage`).
 """
 from __future__ import annotations
 
@@ -36,6 +46,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .config import Config, ConfigError
 
@@ -81,6 +93,14 @@ class Unit:
     seed: int
     stage: str = ""
     checkpoint: str = ""
+    #: :func:`weights_digest` of the source-only model the unit's model descends from; None when it
+    #: is not known (that model is not trained in this checkout) or there is none (the oracle).
+    lineage: str | None = None
+
+    def matches(self, record: dict) -> bool:
+        """The record holds this unit's fingerprint, scoring and data (and lineage, when known)."""
+        return (record.get("fingerprint"), record.get("scoring"), record.get("data")) == \
+            (self.fingerprint, self.scoring, self.data) and self.lineage in (None, record.get("lineage"))
 
 
 class ScoreCache:
@@ -94,33 +114,31 @@ class ScoreCache:
         return self.root / unit.label / f"{unit.name}.json"
 
     def status(self, unit: Unit, report: bool = False) -> str:
-        """``valid`` (present with the unit's fingerprint, scoring and data), ``missing`` or ``stale``.
+        """``valid`` (present with the unit's fingerprint, scoring and data, and its lineage when
+        known: :meth:`Unit.matches`), ``missing`` or ``stale``.
 
         With ``report`` a stale file is named in one line (when not quiet): it will be re-run."""
         record = self._read(self.path(unit))
         if record is None:
             return "missing"
-        if (record.get("fingerprint"), record.get("scoring"), record.get("data")) == \
-                (unit.fingerprint, unit.scoring, unit.data):
+        if unit.matches(record):
             return "valid"
         if report:
-            what = [k for k, v in (("fingerprint", unit.fingerprint), ("scoring", unit.scoring), ("data", unit.data))
-                    if record.get(k) != v]
+            what = [k for k, v in (("fingerprint", unit.fingerprint), ("scoring", unit.scoring), ("data", unit.data),
+                                   ("lineage", unit.lineage)) if v is not None and record.get(k) != v]
             announce(self.quiet, f"[cache] {self.path(unit)}: recorded with another {' and '.join(what)}; re-running it")
         return "stale"
 
     def get(self, unit: Unit) -> dict | None:
         """The unit's record when it is valid (:meth:`status`), else None."""
         record = self._read(self.path(unit))
-        if record is None or (record.get("fingerprint"), record.get("scoring"), record.get("data")) != \
-                (unit.fingerprint, unit.scoring, unit.data):
-            return None
-        return record
+        return record if record is not None and unit.matches(record) else None
 
     def put(self, unit: Unit, payload: dict, wall_seconds: float | None, score_seconds: float) -> dict:
         """Write the unit's record atomically and return it."""
         record = {"run": unit.label, "unit": unit.name, "fingerprint": unit.fingerprint, "scoring": unit.scoring,
                   "data": unit.data, "seed": unit.seed, "commit": current_commit(),
+                  **({"lineage": unit.lineage} if unit.lineage is not None else {}),
                   "wall_seconds": None if wall_seconds is None else round(float(wall_seconds), 1),
                   "score_seconds": round(float(score_seconds), 1),
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
@@ -150,6 +168,44 @@ class ScoreCache:
             announce(self.quiet, f"[cache] {path}: unreadable; it will be re-run and replaced")
             return None
         return record if isinstance(record, dict) else None
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+_WEIGHTS: dict = {}
+
+
+def weights_digest(path) -> str:
+    """A digest of the model weights in the checkpoint ``path`` (names, dtypes, shapes and bytes of
+    every tensor of its ``model`` state; optimiser and loop state are left out)."""
+    from .stages import read_model_state
+
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _WEIGHTS:
+        h = hashlib.sha256(b"weights/1")
+        for name, tensor in sorted(read_model_state(path).items()):
+            tensor = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        _WEIGHTS[key] = h.hexdigest()[:16]
+    return _WEIGHTS[key]
+
+
+def check_lineage(records: dict, where: str) -> None:
+    """Raise when the records of one paired group (``{file: record}``) descend from two source-only
+    models (:func:`weights_digest`); records without a lineage are not compared."""
+    seen: dict = {}
+    for path, record in records.items():
+        if record is not None and record.get("lineage") is not None:
+            seen.setdefault(record["lineage"], []).append(str(path))
+    if len(seen) > 1:
+        listed = "; ".join(f"{digest}: {', '.join(sorted(paths)[:3])}" for digest, paths in sorted(seen.items()))
+        raise RuntimeError(f"{where}: cached scores descend from {len(seen)} different source-only models ({listed}); "
+                           "delete the files of the older one and run the command again with the source-only model "
+                           "trained (a retrained model differs across machines)")
 
 
 # ----------------------------------------------------------------------------- data identity

@@ -373,6 +373,67 @@ def test_score_cache_accepts_only_matching_records_and_writes_atomically(tmp_pat
     assert cache.status(unit) == "missing"
 
 
+def test_score_cache_checks_the_lineage_only_when_it_is_known(tmp_path):
+    cache = sc.ScoreCache(tmp_path)
+    unit = sc.Unit("source-seed1", "source_only-last-val", "f" * 16, "s" * 16, {}, 1, lineage="a" * 16)
+    cache.put(unit, {"miou": 0.5}, wall_seconds=None, score_seconds=1.0)
+    assert json.loads(cache.path(unit).read_text())["lineage"] == "a" * 16
+    assert cache.status(unit) == "valid"
+    assert cache.status(sc.Unit(**{**unit.__dict__, "lineage": None})) == "valid"  # model not trained here: trust it
+    retrained = sc.Unit(**{**unit.__dict__, "lineage": "b" * 16})  # the source-only model retrained elsewhere
+    assert cache.status(retrained) == "stale" and cache.get(retrained) is None
+
+
+def test_weights_digest_reads_the_model_weights_only(tmp_path):
+    from cag.checkpoint import save_checkpoint
+
+    model = {"conv.weight": torch.arange(6.0).reshape(2, 3), "bn.num_batches_tracked": torch.tensor(3)}
+    save_checkpoint(tmp_path / "a.pt", {"model": model, "optimizers": {"model": {"lr": 0.1}}, "iteration": 5})
+    save_checkpoint(tmp_path / "b.pt", {"model": {k: v.clone() for k, v in model.items()},
+                                        "optimizers": {"model": {"lr": 0.2}}, "iteration": 9})
+    changed = {**model, "conv.weight": model["conv.weight"].clone()}
+    changed["conv.weight"][1, 2] += 2 ** -20  # one weight, in its last bits
+    save_checkpoint(tmp_path / "c.pt", {"model": changed})
+    digests = [sc.weights_digest(tmp_path / f"{name}.pt") for name in "abc"]
+    assert digests[0] == digests[1] != digests[2]
+
+
+def test_tables_refuse_one_group_with_two_source_models():
+    records = {"x/source_only-last-test.json": {"lineage": "a"}, "y/warmup-last-test.json": {"lineage": "a"},
+               "z/target_oracle-last-test.json": {}, "w/missing.json": None}
+    sc.check_lineage(records, "preset class, seed 1")
+    with pytest.raises(RuntimeError, match=r"preset class, seed 1: cached scores descend from 2 different source-only "
+                                           r"models .*y/warmup-last-test.json"):
+        sc.check_lineage({**records, "y/warmup-last-test.json": {"lineage": "b"}}, "preset class, seed 1")
+
+
+def test_a_retrained_source_model_makes_every_score_of_its_seed_stale(tmp_path, monkeypatch):
+    """Another machine retrains the source-only model with other weights: the units of that seed
+    recorded from the old model are re-scored, not paired with the new ones."""
+    from cag.checkpoint import load_checkpoint, save_checkpoint
+
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    path = spec_file(tmp_path, "cal.yaml", kind="calibration", runs_dir=str(runs), data_dir=str(tmp_path / "data"),
+                     results_dir=str(results), split="val", seeds=[1], jobs=1, adabn=True,
+                     grid={"class": [0.3, 0.45]}, oracle_grid={})
+    monkeypatch.setattr(cal, "calibration_tasks", lambda spec: [("source", 1)])  # no oracle: source-only and AdaBN
+    ex.run(path, quiet=True)
+    scores = sorted((results / "scores").glob("*/*.json"))
+    assert len(scores) == 4 and len({json.loads(p.read_text())["lineage"] for p in scores}) == 1
+
+    last = runs / "source-seed1" / "source_only" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    model = checkpoint["modules"]["model"]
+    name = next(k for k, v in model.items() if v.is_floating_point())
+    model[name] = model[name] + 1e-3
+    save_checkpoint(last, checkpoint)  # "retrained on another machine": other weights, same fingerprint
+    (results / "scores" / "class-0.3-seed1" / "adabn-last-val.json").unlink()
+    spy = Spy(monkeypatch)
+    ex.run(path, quiet=True)
+    assert spy.trained == [] and len(spy.scored) == 4 and len(spy.adapted) == 2  # all four units again
+    assert len({json.loads(p.read_text())["lineage"] for p in scores}) == 1
+
+
 def test_data_identity_names_a_missing_or_incomplete_manifest(tmp_path):
     with pytest.raises(ConfigError, match="benchmark.json: no benchmark manifest"):
         sc.data_identity(tmp_path)
