@@ -612,6 +612,50 @@ def source_run(spec: dict, seed: int, multiple: int = 1) -> Run:
     return Run(spec, name, seed, first, 0.0, extra, until="source_only")
 
 
+#: ``oracle.init`` values: train the target oracle from scratch, or fine-tune the seed's source-only model.
+ORACLE_INITS = ("scratch", "source_only")
+
+
+def oracle_from_source(spec: dict) -> bool:
+    """True when the experiment file's ``oracle.init`` is ``source_only``."""
+    return (spec.get("oracle") or {}).get("init", "scratch") == "source_only"
+
+
+def oracle_run(spec: dict, label: str, seed: int, preset: str, strength: float) -> Run:
+    """The target-trained upper bound of a cell (``<label>/target_oracle``).
+
+    ``oracle.init: scratch`` (the default): the network trained from scratch on the cell's target
+    train labels with the source-only schedule. ``oracle.init: source_only``: the seed's
+    source-only model (:func:`source_run`) fine-tuned on them, the best any adaptation that starts
+    from that model could do with the labels. ``oracle.overrides`` change its schedule (keys of
+    ``source_only``, which :func:`cag.stages.supervised_stage` reads) and nothing else.
+    """
+    oracle = spec.get("oracle") or {}
+    upstream = (source_run(spec, seed), "source_only") if oracle_from_source(spec) else None
+    return Run(spec, label, seed, preset, strength, tuple(oracle.get("overrides", [])), until="target_oracle",
+               upstream=upstream)
+
+
+def check_oracle(spec: dict, where: str) -> None:
+    """Refuse an ``oracle`` entry other than ``{init: scratch|source_only, overrides: [source_only.*=...]}``."""
+    oracle = spec.get("oracle")
+    if oracle is None:
+        return
+    if not isinstance(oracle, dict) or set(oracle) - {"init", "overrides"}:
+        raise ConfigError(f"{where}: oracle: expected a mapping with the keys init and overrides, got {oracle!r}")
+    if oracle.get("init", "scratch") not in ORACLE_INITS:
+        raise ConfigError(f"{where}: oracle.init: expected one of {', '.join(ORACLE_INITS)}, got {oracle.get('init')!r}")
+    overrides = oracle.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and o.startswith("source_only.") and "=" in o
+                                                  for o in overrides):
+        raise ConfigError(f"{where}: oracle.overrides: expected a list of source_only.KEY=VALUE (the oracle's "
+                          f"schedule), got {overrides!r}")
+    try:
+        load_config(spec["base"], [*spec["overrides"], *overrides])
+    except ConfigError as err:
+        raise ConfigError(f"{where}: oracle.overrides: {err}") from None
+
+
 def target_config(spec: dict, label: str, seed: int, preset: str, strength: float) -> Config:
     """The configuration of the cell's target data that ``transfer`` and ``adabn`` jobs score on."""
     from .experiments import run_config

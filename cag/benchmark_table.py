@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .benchmark_runs import (CHECKPOINTS, Context, Job, Run, cell_label, check_jobs, generate_data, is_number,
-                             preset_names, run_tasks, runs_record, source_run, target_config)
+from .benchmark_runs import (CHECKPOINTS, Context, Job, Run, cell_label, check_jobs, check_oracle, generate_data,
+                             is_number, oracle_run, preset_names, run_tasks, runs_record, source_run, target_config)
 from .config import ConfigError, load_config
 from .score_cache import ScoreCache, check_lineage
 
@@ -107,7 +107,7 @@ def group_jobs(spec: dict, preset: str, seed: int, ctx: Context | None = None) -
             if arm in arms:
                 jobs.append(Job(kind, label, run=source, stages={"source_only": arm}, target=target, arm=arm, **common))
     if "target_oracle" in arms:
-        oracle = Run(spec, label, seed, preset, strength, until="target_oracle")
+        oracle = oracle_run(spec, label, seed, preset, strength)
         jobs.append(Job("train", label, run=oracle, stages={"target_oracle": "target_oracle"}, arm="target_oracle",
                         **common))
     adapted_arms = _adapted_names(spec, preset)
@@ -363,6 +363,7 @@ def check_benchmark_spec(spec: dict) -> None:
         raise ConfigError(f"{where}: {key}: {message}")
 
     check_jobs(spec, where)
+    check_oracle(spec, where)
     split = spec.get("eval_split", "test")
     base = load_config(spec["base"], spec["overrides"])
     if split == base.data.val_split:

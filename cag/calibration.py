@@ -12,8 +12,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .benchmark_runs import (Context, Job, Run, cell_label, check_jobs, generate_data, is_number, preset_names,
-                             run_tasks, runs_record, source_run, target_config)
+from .benchmark_runs import (Context, Job, cell_label, check_jobs, check_oracle, generate_data, is_number,
+                             oracle_from_source, oracle_run, preset_names, run_tasks, runs_record, source_run,
+                             target_config)
 from .config import ConfigError, load_config
 from .score_cache import ScoreCache, check_lineage
 
@@ -65,6 +66,7 @@ def check_calibration_spec(spec: dict) -> None:
     if not isinstance(spec.get("adabn", False), bool):
         raise ConfigError(f"{where}: adabn: expected true or false, got {spec.get('adabn')!r}")
     check_jobs(spec, where)
+    check_oracle(spec, where)
     cfg = load_config(spec["base"], spec["overrides"])
     if split == cfg.data.test_split:
         raise ConfigError(f"{where}: split: {split!r} is the base configuration's held-out data.test_split")
@@ -76,13 +78,26 @@ def _cells(spec: dict) -> list[tuple[str, float]]:
 
 def calibration_tasks(spec: dict) -> list[tuple]:
     """The calibration's independent tasks, longest first: ``("plateau", seed, k)``,
-    ``("source", seed)`` and ``("oracle", seed, preset, strength)``."""
-    oracle_grid = spec.get("oracle_grid") or spec["grid"]
+    ``("source", seed)`` and ``("oracle", seed, preset, strength)``. An oracle fine-tuned from
+    the source-only model (``oracle.init: source_only``) is no task of its own: it runs in its
+    seed's source task, after the model it starts from (two processes never train one run)."""
     tasks = [("plateau", seed, k) for k in sorted(spec.get("plateau", []), reverse=True) for seed in spec["seeds"]]
     tasks += [("source", seed) for seed in spec["seeds"]]
-    tasks += [("oracle", seed, preset, float(strength)) for seed in spec["seeds"]
-              for preset, strengths in oracle_grid.items() for strength in strengths]
+    if not oracle_from_source(spec):
+        tasks += [("oracle", seed, preset, strength) for seed in spec["seeds"] for preset, strength in _oracle_cells(spec)]
     return tasks
+
+
+def _oracle_cells(spec: dict) -> list[tuple[str, float]]:
+    oracle_grid = spec.get("oracle_grid") or spec["grid"]
+    return [(preset, float(strength)) for preset, strengths in oracle_grid.items() for strength in strengths]
+
+
+def _oracle_job(spec: dict, seed: int, preset: str, strength: float) -> Job:
+    label = cell_label(preset, strength, seed)
+    run = oracle_run(spec, label, seed, preset, strength)
+    return Job("train", label, preset, strength, seed, spec.get("split", "val"), run,
+               {"target_oracle": "target_oracle"}, checkpoints=("last",), arm="target_oracle")
 
 
 def calibration_jobs(spec: dict, task: tuple) -> list[Job]:
@@ -90,11 +105,7 @@ def calibration_jobs(spec: dict, task: tuple) -> list[Job]:
     split = spec.get("split", "val")
     kind, seed = task[0], task[1]
     if kind == "oracle":
-        preset, strength = task[2], task[3]
-        label = cell_label(preset, strength, seed)
-        run = Run(spec, label, seed, preset, strength, until="target_oracle")
-        return [Job("train", label, preset, strength, seed, split, run, {"target_oracle": "target_oracle"},
-                    checkpoints=("last",), arm="target_oracle")]
+        return [_oracle_job(spec, seed, task[2], task[3])]
     multiple = task[2] if kind == "plateau" else 1
     source = source_run(spec, seed, multiple)
     arm = "source_only" if multiple == 1 else f"source_only_x{multiple}"
@@ -107,6 +118,8 @@ def calibration_jobs(spec: dict, task: tuple) -> list[Job]:
         if kind == "source" and spec.get("adabn", False):
             jobs.append(Job("adabn", label, preset, strength, seed, split, source, {"source_only": "adabn"}, target,
                             checkpoints=("last",), arm="adabn"))
+    if kind == "source" and oracle_from_source(spec):
+        jobs += [_oracle_job(spec, seed, preset, strength) for preset, strength in _oracle_cells(spec)]
     return jobs
 
 

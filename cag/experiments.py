@@ -53,11 +53,11 @@ PSEUDO_LABEL_KEYS = ("preset", "arm", "seed", "stage", "rule", "class", "ground_
 
 _SPEC_KEYS = {
     "calibration": {"kind", "base", "runs_dir", "data_dir", "results_dir", "seeds", "overrides", "grid", "oracle_grid",
-                    "split", "jobs", "plateau", "adabn"},
+                    "split", "jobs", "plateau", "adabn", "oracle"},
     "benchmark": {"kind", "base", "runs_dir", "data_dir", "results_dir", "seeds", "overrides", "presets", "arms",
                   "ablations", "pseudo_label_arms", "eval_split", "jobs"},
     "benchmark_v2": {"kind", "base", "runs_dir", "data_dir", "results_dir", "eval_split", "jobs", "overrides", "presets",
-                     "warmup_arms", "arms", "sweeps", "comparisons", "pseudo_label_arms"},
+                     "warmup_arms", "arms", "sweeps", "comparisons", "pseudo_label_arms", "oracle"},
 }
 _REQUIRED_KEYS = {
     "calibration": ("base", "runs_dir", "data_dir", "results_dir", "seeds", "grid"),

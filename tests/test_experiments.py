@@ -507,6 +507,10 @@ def test_a_valid_benchmark_v2_spec_passes_and_lists_what_it_produces():
     ({"grid": {"kitchen": [0.3]}}, "grid.kitchen: unknown preset"),
     ({"grid": {"class": []}}, "grid.class: expected a non-empty list"),
     ({"jobs": 1.5}, "jobs: expected a whole number"),
+    ({"oracle": {"init": "imagenet"}}, "oracle.init: expected one of scratch, source_only"),
+    ({"oracle": {"init": "source_only", "overrides": ["cag.lam=0"]}}, "oracle.overrides: expected a list of source_only"),
+    ({"oracle": {"init": "source_only", "overrides": ["source_only.iterz=5"]}}, "oracle.overrides: unknown key 'source_only.iterz'"),
+    ({"oracle": {"init": "source_only", "iters": 5}}, "oracle: expected a mapping with the keys init and overrides"),
 ])
 def test_calibration_files_are_checked_before_any_work(changes, message):
     spec = {"_file": "cal.yaml", "base": str(REPO / "configs" / "synthetic.yaml"), "overrides": [], "seeds": [1],
@@ -596,6 +600,40 @@ def test_calibration_runs_once_then_only_what_the_cache_lacks(tmp_path, monkeypa
     assert spy.trained == ["class-0.45-seed1/target_oracle"] and len(spy.scored) == 1
     assert json.loads(oracle_file.read_text())["miou"] == record["miou"]
     assert (results / "calibration.csv").read_text() == table
+
+
+def test_an_oracle_fine_tuned_from_the_source_model_starts_from_it(tmp_path, monkeypatch):
+    """oracle.init: source_only: the oracle runs after its seed's source-only model in the same
+    task, starts from that model (one step of fine-tuning moves it little; from scratch it would be
+    far away) and records its lineage; its overrides set its schedule."""
+    from cag.checkpoint import load_checkpoint
+    from cag.stages import make_model, seed_everything
+
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    path = spec_file(tmp_path, "cal.yaml", kind="calibration", runs_dir=str(runs), data_dir=str(tmp_path / "data"),
+                     results_dir=str(results), split="val", seeds=[1], jobs=1, grid={"class": [0.45]},
+                     overrides=[*TINY_RUNS, "source_only.lr=0.3"],  # the source model moves far from its init
+                     oracle={"init": "source_only", "overrides": ["source_only.iters=1", "source_only.lr=0.001"]})
+    spec = yaml.safe_load(path.read_text())
+    assert cal.calibration_tasks(spec) == [("source", 1)]  # no oracle task of its own
+    spy = Spy(monkeypatch)
+    ex.run(path, quiet=True)
+    assert spy.trained == ["source-seed1", "class-0.45-seed1/target_oracle"]
+    cell = results / "scores" / "class-0.45-seed1"
+    lineages = {arm: json.loads((cell / f"{arm}-last-val.json").read_text()).get("lineage")
+                for arm in ("source_only", "target_oracle")}
+    assert lineages["target_oracle"] is not None and lineages["target_oracle"] == lineages["source_only"]
+    source = load_checkpoint(runs / "source-seed1" / "source_only" / "last.pt")["modules"]["model"]
+    oracle_dir = runs / "class-0.45-seed1" / "target_oracle"
+    oracle = load_checkpoint(oracle_dir / "last.pt")["modules"]["model"]
+    assert json.loads((oracle_dir / "done.json").read_text())["iters"] == 1
+    weights = [k for k, v in source.items() if v.is_floating_point() and k.endswith("weight")]
+    moved = sum(float((oracle[k] - source[k]).norm() ** 2) for k in weights) ** 0.5
+    cfg = load_config(spec["base"], [*spec["overrides"], "seed=1"])
+    seed_everything(cfg.seed, torch.device("cpu"))
+    fresh = make_model(cfg, torch.device("cpu")).state_dict()  # where training from scratch starts
+    travelled = sum(float((source[k] - fresh[k]).norm() ** 2) for k in weights) ** 0.5
+    assert moved < 0.05 * travelled, (moved, travelled)  # from scratch it would be about `travelled` away
 
 
 # ----------------------------------------------------------------------------- benchmark_v2 end to end
