@@ -11,7 +11,7 @@ uncertain, so the interval uses Student's t with ``n - 1`` degrees of freedom, n
 1.96. The quantile is computed here from the regularised incomplete beta function (standard
 library only; scipy is not a dependency).
 
-``compare`` reads ``summary.csv`` rows, ``write_comparisons`` / ``read_comparisons`` store the
+``compare`` reads ``summary.csv`` rows, ``write_comparisons`` stores the
 results, and ``verdict`` / ``count_sentence`` turn them into the sentences the book prints, so
 no sentence claims a difference that its interval does not support.
 """
@@ -215,26 +215,18 @@ def write_comparisons(path, rows: list[dict]) -> None:
         raise
 
 
-def read_comparisons(path) -> list[dict]:
-    """Rows of a comparisons CSV: floats (nan for empty cells), ``seeds`` as a tuple of ints."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such comparisons file")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in _FLOAT_KEYS:
-            row[key] = math.nan if row[key] == "" else float(row[key])
-        row["seeds"] = tuple(int(s) for s in row["seeds"].split())
-    return rows
-
-
 # ----------------------------------------------------------------------------- sentences
+
+def _bound(value) -> float:
+    """An interval bound as a float: nan for no interval (nan, or None as read by
+    :func:`cag.results.read_csv` from an empty cell)."""
+    return math.nan if value is None else float(value)
+
 
 def excludes_zero(row) -> bool:
     """True when the interval lies strictly on one side of 0 (``ci_low > 0`` or ``ci_high < 0``);
-    False for a nan interval."""
-    return float(row["ci_low"]) > 0.0 or float(row["ci_high"]) < 0.0
+    False when there is no interval (one seed)."""
+    return _bound(row["ci_low"]) > 0.0 or _bound(row["ci_high"]) < 0.0
 
 
 def _seed_count(row) -> int:
@@ -253,7 +245,7 @@ def verdict(row, name_a: str | None = None, name_b: str | None = None, unit_scal
     """
     name_a = row["arm_a"] if name_a is None else name_a
     name_b = row["arm_b"] if name_b is None else name_b
-    mean, low, high = (unit_scale * float(row[k]) for k in _FLOAT_KEYS)
+    mean, low, high = (unit_scale * _bound(row[k]) for k in _FLOAT_KEYS)
     n = _seed_count(row)
     if n == 1 or math.isnan(low) or math.isnan(high):
         return (f"The difference between {name_a} and {name_b} is {mean:+.{digits}f} mIoU points "

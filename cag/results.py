@@ -380,11 +380,9 @@ def find_comparison(comparison_rows: list[dict], preset: str, arm_a: str, arm_b:
 
 def say(comparison_rows: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: str = "last") -> str:
     """The sentence of :func:`cag.comparisons.verdict` for ``arm_a - arm_b``, with the arms'
-    readable names and a capital first letter; empty intervals (one seed) are read as NaN."""
+    readable names and a capital first letter (an empty interval, one seed: no interval)."""
     from .comparisons import verdict
 
-    row = dict(find_comparison(comparison_rows, preset, arm_a, arm_b, checkpoint))
-    for key in ("mean_diff", "ci_low", "ci_high"):
-        row[key] = math.nan if row[key] is None else row[key]
+    row = find_comparison(comparison_rows, preset, arm_a, arm_b, checkpoint)
     sentence = verdict(row, arm_name(arm_a), arm_name(arm_b))
     return sentence[:1].upper() + sentence[1:]

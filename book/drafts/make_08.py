@@ -114,7 +114,7 @@ calibration = results.read_csv(folder / "calibration.csv")
 calibration_classes = results.read_csv(folder / "calibration_classes.csv")
 delta_rows = results.read_csv(folder / "delta_d.csv")
 labels = results.read_csv(folder / "pseudo_labels.csv")
-compared = comparisons.read_comparisons(folder / "comparisons.csv")
+compared = results.read_csv(folder / "comparisons.csv")
 calibration_runs = json.loads((folder / "calibration_runs.json").read_text())
 runs = json.loads((folder / "runs.json").read_text())
 for name, record in (("calibration", calibration_runs), ("benchmark", runs)):
