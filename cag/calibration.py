@@ -151,7 +151,10 @@ def calibration_rows(spec: dict, ctx: Context | None = None) -> tuple[list[dict]
                 record = ctx.cache.get(unit)
                 if record is not None:
                     found[(job.seed, job.preset, job.strength, job.arm)] = record
-                    by_run.setdefault(job.run.name, {})[ctx.cache.path(unit)] = record
+                    root = job.run
+                    while root.upstream is not None:  # an oracle fine-tuned from the source model joins it
+                        root = root.upstream[0]
+                    by_run.setdefault(root.name, {})[ctx.cache.path(unit)] = record
     for name, records in by_run.items():
         check_lineage(records, f"calibration, run {name}")
     rows, class_rows = [], []
