@@ -327,14 +327,18 @@ def plot_margins(margins, correct, delta_d: float, title: str):
     return fig
 
 
-def plot_delta_sweep(deltas, precision, recall, active, chosen: float, title: str):
+def plot_delta_sweep(deltas, precision, recall, active, chosen: float, title: str, gap: float | None = None):
     """Pixel-weighted precision, recall and active fraction of the anchor pseudo-labels
-    against Delta_d (docs/method.md §3): a larger margin buys precision with recall."""
+    against Delta_d (docs/method.md §3): a larger margin buys precision with recall. With
+    ``gap`` (the smallest distance between two anchors) a dotted line marks it: above it the
+    two classes of the closest pair can get no label (the margin bound, eq. (3.4))."""
     fig = _figure(6.5, 3.4)
     ax = fig.subplots()
     for values, label in ((precision, "precision"), (recall, "recall"), (active, "active fraction")):
         ax.plot(deltas, values, marker="o", markersize=3, label=label)
     ax.axvline(chosen, color="black", linestyle="--", label=f"configured Delta_d = {chosen:g}")
+    if gap is not None:
+        ax.axvline(gap, color="grey", linestyle=":", label=f"smallest anchor gap = {gap:.2f}")
     ax.set_xlabel("Delta_d")
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)

@@ -241,6 +241,32 @@ class Pipeline:
             (self.run_dir / "summary.json").write_text(text)
         return {"miou": summary["miou"], "summary": str(self.run_dir / "summary.json")}
 
+    def adopt(self, other: "Pipeline", until: str) -> list[str]:
+        """Copies ``other``'s finished stages, up to and including ``until``, into this run.
+
+        For a control run: a configuration that differs from ``other``'s only in the settings of
+        a later stage (``warmup.lambda_adv=0``, ``cag.lam=0``) gives the earlier stages the same
+        fingerprints, so their directories are copied instead of trained again, and the
+        control's first own stage starts from exactly the models ``other`` handed on. A stage
+        this run has already finished is left as it is. Raises :class:`StageOrderError`, before
+        copying anything, when ``other`` has not finished a stage, or finished it for another
+        fingerprint (the control would then not share it). Returns the stages copied.
+        """
+        names = stage_names(self.cfg)
+        if until not in names:
+            raise ValueError(f"unknown stage {until!r}; stages are {', '.join(names)}")
+        wanted = [stage for stage in names[:names.index(until) + 1] if self.done(stage) is None]
+        for stage in wanted:  # every stage is checked before anything is copied
+            if other.done(stage) is None or other.fp[stage] != self.fp[stage]:
+                raise StageOrderError(f"stage {stage!r}: {other.run_dir} has not finished it for this "
+                                      f"configuration's fingerprint; run it there first")
+        for stage in wanted:
+            path = self._prepare(stage)
+            if dist.is_main():
+                shutil.copytree(other.stage_dir(stage), path, dirs_exist_ok=True)
+            dist.barrier()
+        return wanted
+
     def run(self, until: str | None = None) -> dict:
         """Run (or skip) every stage in order, up to and including ``until``."""
         names = stage_names(self.cfg)

@@ -46,6 +46,26 @@ def nearest_anchor_margin(distances: torch.Tensor) -> tuple[torch.Tensor, torch.
     return nearest, two_smallest[:, 1] - two_smallest[:, 0]
 
 
+def anchor_gaps(anchors: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each anchor's distance to its closest other anchor, [C] float64: the bound on eq. (2)'s margin.
+
+    For a pixel whose nearest anchor is c the margin (second-nearest minus nearest distance) is
+    at most ``gaps[c]`` (triangle inequality, docs/method.md §3), so a ``delta_d`` above
+    ``gaps[c]`` leaves class c without a single active pixel. Only ``valid`` anchors (bool [C];
+    default all) count; an invalid class, and a lone valid anchor, get +inf. Distances are
+    computed directly in float64 (no matrix-multiply shortcut).
+    """
+    points = anchors.double()
+    keep = torch.ones(len(points), dtype=torch.bool, device=points.device) if valid is None \
+        else torch.as_tensor(valid, device=points.device).bool()
+    distances = torch.cdist(points, points, compute_mode="donot_use_mm_for_euclid_dist")
+    distances.fill_diagonal_(float("inf"))
+    distances[:, ~keep] = float("inf")
+    gaps = distances.min(dim=1).values
+    gaps[~keep] = float("inf")
+    return gaps
+
+
 def per_class_values(value, classes: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
     """A scalar, or a per-class tensor [C] looked up at ``classes``, as a float tensor."""
     table = torch.as_tensor(value, dtype=torch.float32, device=classes.device)

@@ -324,6 +324,15 @@ def test_plot_curves_keeps_each_stage_in_one_colour_and_offsets_iterations():
     assert solid[1].get_xdata().tolist() == [15]
 
 
+def test_plot_delta_sweep_marks_the_configured_delta_d_and_the_smallest_gap():
+    from cag import figures
+
+    args = ([0.0, 1.0, 2.0], [0.8, 0.9, 1.0], [0.6, 0.4, 0.1], [0.7, 0.5, 0.1], 1.0, "t")
+    vertical = lambda fig: [line.get_xdata()[0] for line in fig.axes[0].get_lines() if line.get_linestyle() in ("--", ":")]
+    assert vertical(figures.plot_delta_sweep(*args)) == [1.0]
+    assert vertical(figures.plot_delta_sweep(*args, gap=1.5)) == [1.0, 1.5]
+
+
 def test_show_grid_draws_rgb_and_scalar_panels():
     from cag import figures
 

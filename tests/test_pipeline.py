@@ -13,7 +13,7 @@ import torch
 from cag.config import ConfigError, load_config
 from cag.data.synthetic import generate
 from cag.labels import CLASSES_16, CLASSES_19
-from cag.pipeline import Pipeline, fingerprints, stage_names
+from cag.pipeline import Pipeline, StageOrderError, fingerprints, stage_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,6 +168,36 @@ def test_evaluate_scores_the_checkpoints_asked_for(bench, tmp_path):
     assert [(r["stage"], r["split"]) for r in again["results"]] == \
         [("warmup", "val"), ("warmup", "test"), ("stage1", "val"), ("stage1", "test")]
     assert again["miou"] == summary["miou"]
+
+
+def model_weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["modules"]["model"]
+
+
+def test_a_control_run_adopts_the_stages_it_shares_and_trains_only_its_own(bench, tmp_path):
+    """Pipeline.adopt: the book's controls (chapters 3 and 6) copy the finished stages whose
+    fingerprint they share; the copied stages hand on exactly the same models, so the same
+    stage 1 trained in the copy is bit-identical, and a control differs only by its own setting."""
+    main = Pipeline(synthetic_cfg(bench, tmp_path, "cag.stages=1"))
+    main.run(until="stage1")
+    twin = Pipeline(synthetic_cfg(bench, tmp_path, "cag.stages=1", "name=twin"))
+    assert twin.adopt(main, until="anchors") == ["source_only", "warmup", "anchors"]
+    assert twin.adopt(main, until="anchors") == []  # already done: nothing copied again
+    stamp = (twin.stage_dir("warmup") / "last.pt").stat().st_mtime_ns
+    twin.run(until="stage1")
+    assert (twin.stage_dir("warmup") / "last.pt").stat().st_mtime_ns == stamp  # adopted, not retrained
+    ours, theirs = model_weights(main.stage_dir("stage1") / "last.pt"), model_weights(twin.stage_dir("stage1") / "last.pt")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    control = Pipeline(synthetic_cfg(bench, tmp_path, "cag.stages=1", "name=control", "cag.lam=0"))
+    with pytest.raises(StageOrderError, match="stage 'stage1'"):
+        control.adopt(main, until="stage1")  # stage 1 is the control's own: another fingerprint
+    assert control.adopt(main, until="anchors") == ["source_only", "warmup", "anchors"]
+    control.run(until="stage1")
+    mine = model_weights(control.stage_dir("stage1") / "last.pt")
+    assert not all(torch.equal(ours[k], mine[k]) for k in ours)
+    unfinished = Pipeline(synthetic_cfg(bench, tmp_path / "elsewhere", "cag.stages=1"))
+    with pytest.raises(StageOrderError, match="stage 'source_only'"):
+        Pipeline(synthetic_cfg(bench, tmp_path, "name=third")).adopt(unfinished, until="warmup")
 
 
 def test_one_stage_needs_its_inputs(bench, tmp_path):

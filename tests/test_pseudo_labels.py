@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cag.pseudo_labels import (anchor_distances, anchor_pseudo_labels, nearest_anchor_margin,
+from cag.pseudo_labels import (anchor_distances, anchor_gaps, anchor_pseudo_labels, nearest_anchor_margin,
                                probability_pseudo_labels, pseudo_label_quality, quality_rates)
 
 IGNORE = 255
@@ -104,6 +104,32 @@ def test_anchor_pseudo_labels_on_arbitrary_size_match_a_sorting_oracle():
                 active = distances[1][0] - distances[0][0] >= delta_d
                 assert labels[b, i, j].item() == (distances[0][1] if active else IGNORE)
     assert (labels == IGNORE).any() and (labels != IGNORE).any()
+
+
+def test_anchor_gaps_by_hand():
+    # anchors (0,0), (3,0), (3,4), (10,0): gaps 3, 3, 4, 7; without anchor 1: 5, inf, 5, sqrt(65)
+    anchors = torch.tensor([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
+    assert anchor_gaps(anchors).tolist() == [3.0, 3.0, 4.0, 7.0]
+    valid = torch.tensor([True, False, True, True])
+    assert anchor_gaps(anchors, valid).tolist() == pytest.approx([5.0, math.inf, 5.0, math.sqrt(65)], rel=1e-12)
+    assert anchor_gaps(anchors, torch.tensor([False, False, True, False])).tolist() == [math.inf] * 4
+
+
+def test_no_margin_exceeds_the_gap_of_its_nearest_anchor():
+    """The triangle inequality (docs/method.md §3): margin <= gap of the nearest anchor, reached
+    by a pixel on the anchor itself; a delta_d above a class's gap leaves it no active pixel."""
+    generator = torch.Generator().manual_seed(3)
+    anchors = torch.rand(5, 8, generator=generator) * 4
+    features = torch.cat([torch.rand(1, 8, 1, 400, generator=generator) * 4,
+                          anchors.T[None, :, None, :]], dim=3)  # the last 5 pixels sit on the anchors
+    nearest, margin = nearest_anchor_margin(anchor_distances(features, anchors))
+    bound = anchor_gaps(anchors).float()[nearest]
+    assert (margin <= bound + 1e-5).all() and (margin < bound - 1e-3).any()
+    assert torch.allclose(margin[0, 0, -5:], anchor_gaps(anchors).float(), atol=1e-5)
+    gaps = anchor_gaps(anchors)
+    closest = int(gaps.argmin())
+    labels = anchor_pseudo_labels(features, anchors, delta_d=float(gaps[closest]) * 1.0001)
+    assert not (labels == closest).any() and (labels == int(gaps.argmax())).any()
 
 
 def logits_from_probabilities(rows):
