@@ -33,7 +33,6 @@ partial but valid files, and the same command resumes (pipeline checkpoints and 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -407,9 +406,10 @@ class Context:
     def _gap(self, run: Run) -> dict:
         from .anchors import load_anchors
         from .labels import class_names
+        from .pseudo_labels import smallest_anchor_gap
 
         anchors, counts = load_anchors(run.stage_dir("anchors") / "anchors.pt")
-        gap, (i, j) = smallest_anchor_gap(anchors, counts)
+        gap, (i, j) = smallest_anchor_gap(anchors, counts > 0)
         names = class_names(run.cfg.data.num_classes)
         return {"smallest_gap": gap, "pair": [names[i], names[j]], "valid_anchors": int((counts > 0).sum())}
 
@@ -441,27 +441,6 @@ def _best_is_last(stage_dir: Path) -> bool:
 def _stage_wall_seconds(stage_dir: Path) -> float | None:
     summary = stage_dir / "summary.json"
     return json.loads(summary.read_text()).get("wall_seconds") if summary.is_file() else None
-
-
-# ----------------------------------------------------------------------------- the anchor gap (gap jobs)
-
-
-def smallest_anchor_gap(anchors: torch.Tensor, counts: torch.Tensor) -> tuple[float, tuple[int, int]]:
-    """The smallest Euclidean distance between two valid anchors, and the pair of classes.
-
-    Valid anchors are those with a count > 0 (the others take part in no active-target test).
-    Distances are computed directly (no matrix-multiply shortcut), in float64. Raises ValueError
-    with fewer than two valid anchors.
-    """
-    index = torch.nonzero(torch.as_tensor(counts) > 0).flatten()
-    if index.numel() < 2:
-        raise ValueError(f"smallest_anchor_gap: {index.numel()} valid anchor(s); at least two are needed")
-    points = torch.as_tensor(anchors)[index].double()
-    distances = torch.cdist(points.unsqueeze(0), points.unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0]
-    distances.fill_diagonal_(math.inf)
-    flat = int(torch.argmin(distances))
-    i, j = divmod(flat, distances.shape[1])
-    return float(distances[i, j]), (int(index[i]), int(index[j]))
 
 
 # ----------------------------------------------------------------------------- scheduling

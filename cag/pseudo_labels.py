@@ -66,6 +66,25 @@ def anchor_gaps(anchors: torch.Tensor, valid: torch.Tensor | None = None) -> tor
     return gaps
 
 
+def smallest_anchor_gap(anchors: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[float, tuple[int, int]]:
+    """The smallest of the :func:`anchor_gaps` and its pair of classes (c, c's closest other anchor).
+
+    A ``delta_d`` above it silences both classes of the pair (docs/method.md §3); the benchmark's
+    Delta_d sweep is set in fractions of it. Among equal gaps the lowest class index comes first.
+    Raises ValueError with fewer than two valid anchors.
+    """
+    gaps = anchor_gaps(anchors, valid)
+    first = int(torch.argmin(gaps))
+    if not torch.isfinite(gaps[first]):
+        raise ValueError("smallest_anchor_gap: fewer than two valid anchors; at least two are needed")
+    points = anchors.double()
+    row = torch.cdist(points[first:first + 1], points, compute_mode="donot_use_mm_for_euclid_dist")[0]
+    row[first] = float("inf")
+    if valid is not None:
+        row[~torch.as_tensor(valid, device=row.device).bool()] = float("inf")
+    return float(gaps[first]), (first, int(torch.argmin(row)))
+
+
 def per_class_values(value, classes: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
     """A scalar, or a per-class tensor [C] looked up at ``classes``, as a float tensor."""
     table = torch.as_tensor(value, dtype=torch.float32, device=classes.device)

@@ -9,7 +9,7 @@ import torch
 from cag import experiments as ex
 from cag.config import ConfigError, load_config
 from cag.labels import class_names
-from cag.pseudo_labels import pseudo_label_quality
+from cag.pseudo_labels import pseudo_label_quality, smallest_anchor_gap
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED_ARMS = {"source_only", "warmup", "self_training", "cag_stage1", "cag_stage2", "cag_stage3",
@@ -339,12 +339,12 @@ def test_ratio_and_closure_by_hand():
 def test_smallest_gap_skips_invalid_anchors_and_delta_d_is_a_fraction_of_it():
     anchors = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0], [100.0, 100.0]])
     counts = torch.tensor([5.0, 3.0, 0.0, 2.0])  # anchor 2 (1 away from anchor 0) has no pixels
-    gap, pair = br.smallest_anchor_gap(anchors, counts)
+    gap, pair = smallest_anchor_gap(anchors, counts > 0)
     assert gap == pytest.approx(5.0) and pair == (0, 1)
     assert bt.delta_d_value(0.3, gap) == pytest.approx(1.5)
     assert bt.delta_d_value(0.1, 1 / 3) == 0.0333333
     with pytest.raises(ValueError, match="at least two"):
-        br.smallest_anchor_gap(anchors, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        smallest_anchor_gap(anchors, torch.tensor([True, False, False, False]))
 
 
 def test_anchor_activity_is_active_over_evaluated_and_correct_over_active():
@@ -679,7 +679,8 @@ def test_benchmark_v2_end_to_end_then_resumes_from_the_score_cache(tmp_path, mon
     from cag.anchors import load_anchors
 
     gap = json.loads((scores / "class-0.45-seed1-cag" / "anchors-gap-source.json").read_text())["smallest_gap"]
-    assert gap == pytest.approx(br.smallest_anchor_gap(*load_anchors(runs / "class-0.45-seed1-cag" / "anchors" / "anchors.pt"))[0])
+    anchors, counts = load_anchors(runs / "class-0.45-seed1-cag" / "anchors" / "anchors.pt")
+    assert gap == pytest.approx(smallest_anchor_gap(anchors, counts > 0)[0])
     deltas = ex.read_csv(results / "delta_d.csv")
     assert [(r["seed"], r["fraction"], r["stage"]) for r in deltas] == [(1, 0.5, 1), (1, 0.5, 2)]
     assert all(r["delta_d"] == pytest.approx(0.5 * gap, rel=1e-5) and r["smallest_gap"] == pytest.approx(gap, abs=1e-6)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cag.pseudo_labels import (anchor_distances, anchor_gaps, anchor_pseudo_labels, nearest_anchor_margin,
-                               probability_pseudo_labels, pseudo_label_quality, quality_rates)
+                               probability_pseudo_labels, pseudo_label_quality, quality_rates,
+                               smallest_anchor_gap)
 
 IGNORE = 255
 
@@ -113,6 +114,13 @@ def test_anchor_gaps_by_hand():
     valid = torch.tensor([True, False, True, True])
     assert anchor_gaps(anchors, valid).tolist() == pytest.approx([5.0, math.inf, 5.0, math.sqrt(65)], rel=1e-12)
     assert anchor_gaps(anchors, torch.tensor([False, False, True, False])).tolist() == [math.inf] * 4
+    # the smallest gap and its pair: 3 between 0 and 1 (lowest index first); without anchor 1,
+    # 5 between 0 and 2 (anchor 1, 3 from anchor 0, is not a neighbour when it is invalid)
+    assert smallest_anchor_gap(anchors) == (3.0, (0, 1))
+    assert smallest_anchor_gap(anchors, valid) == (pytest.approx(5.0, rel=1e-12), (0, 2))
+    assert smallest_anchor_gap(anchors[[3, 2]]) == (pytest.approx(math.sqrt(65), rel=1e-12), (0, 1))
+    with pytest.raises(ValueError, match="at least two"):
+        smallest_anchor_gap(anchors, torch.tensor([False, False, True, False]))
 
 
 def test_no_margin_exceeds_the_gap_of_its_nearest_anchor():

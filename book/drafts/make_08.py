@@ -643,8 +643,8 @@ seed's smallest anchor gap (of the warm-up model's anchors):
 """)
 
 code(r'''
-from cag.benchmark_runs import smallest_anchor_gap
 from cag.benchmark_table import delta_d_value
+from cag.pseudo_labels import smallest_anchor_gap
 
 listing(smallest_anchor_gap, delta_d_value)
 ''', check=True)
