@@ -4,8 +4,8 @@
     python -m cag.book clean NOTEBOOK ...         # strip volatile metadata only
     python -m cag.book paper-run CONFIG [--stage STAGE] [--out DIR] [key=value ...]   (make paper-run)
 
-The chapters are committed with their outputs (book-engineering 2.2: the build renders them,
-never executes them). ``execute`` runs each chapter with papermill into a temporary file and
+The chapters are committed with their outputs (the HTML build renders them and never executes
+them). ``execute`` runs each chapter with papermill into a temporary file and
 replaces the chapter only when every cell succeeded, then strips what changes from run to run
 (papermill's and Jupyter's timing metadata), so re-executing on the same machine changes
 nothing but what the cells themselves print. ``paper-run`` executes the chapters with

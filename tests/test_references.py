@@ -42,9 +42,10 @@ NOTEBOOK_GLOB = "book/*.ipynb"
 # Built from pieces so that this file does not cite what it forbids.
 _SPEC = "method" + "-spec"
 _FORMATS = "data" + "-formats"
+_ENGINEERING = "book" + "-engineering"
 _SHARED = re.compile(r"(?:\.\./|/work/)shared\b")
 _PLAIN = re.compile(
-    "|".join((re.escape(_SPEC), re.escape(_FORMATS), r"evidence\s+issue", r"real-scale\s+issue")),
+    "|".join((re.escape(_SPEC), re.escape(_FORMATS), re.escape(_ENGINEERING), r"evidence\s+issue", r"real-scale\s+issue")),
     re.IGNORECASE,
 )
 #: "issue 4", "issues 7 and 8", "issue #10": a number after "issue" names a private tracker entry
@@ -174,6 +175,7 @@ def test_the_scan_sees_something():
 @pytest.mark.parametrize("line", [
     "see " + _SPEC + " section 6",
     "(" + _FORMATS + ".md 2.3)",
+    "(" + _ENGINEERING + " 2.2: the build renders them)",
     "read ../shared/reference/x.md",
     "the benchmark table of issue 7",
     "the network (ISSUE #6)",
