@@ -84,6 +84,17 @@ def book_config(profile: str = "ci", config=None, source_root=None, target_root=
     return load_config(root / (config or PROFILES[profile]), params=params)
 
 
+def trains_controls(profile: str = "ci", controls: bool | None = None) -> bool:
+    """Whether a chapter trains its control run (chapter 3: the warm-up without its adversarial
+    term; chapter 6: stage 1 without the distance loss). ``controls=None`` means: in the ``ci``
+    profile, where a control costs seconds, yes; in the ``paper`` profile, where it costs one more
+    warm-up or CAG stage of the released schedule, only when asked (``controls=True``, or
+    ``python -m cag.book paper-run --controls``)."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
+    return profile == "ci" if controls is None else bool(controls)
+
+
 # ----------------------------------------------------------------------------- run records
 
 

@@ -2,7 +2,7 @@
 
     python -m cag.book execute [NOTEBOOK ...]     # in place, in _toc.yml order (make notebooks)
     python -m cag.book clean NOTEBOOK ...         # strip volatile metadata only
-    python -m cag.book paper-run CONFIG [--stage STAGE] [--out DIR] [key=value ...]   (make paper-run)
+    python -m cag.book paper-run CONFIG [--stage STAGE] [--out DIR] [--controls] [key=value ...]   (make paper-run)
 
 The chapters are committed with their outputs (the HTML build renders them and never executes
 them). ``execute`` runs each chapter with papermill into a temporary file and
@@ -158,8 +158,13 @@ def paper_chapters(root, until: str, stage_order) -> list[Path]:
     return picked
 
 
-def paper_run(config, overrides=(), until: str = "evaluate", out=None, profile: str = "paper") -> Path:
+def paper_run(config, overrides=(), until: str = "evaluate", out=None, profile: str = "paper",
+              controls: bool = False) -> Path:
     """Executes the chapters up to stage ``until`` on ``config`` (+ ``key=value`` overrides).
+
+    ``controls`` also trains the chapters' control runs (:func:`cag.analysis.trains_controls`:
+    one more warm-up in chapter 3, one more stage 1 in chapter 6), which the paper profile
+    otherwise leaves out.
 
     Notebooks go to ``out`` (default ``<run dir>/book``) with ``run.json``: the parameters, the
     commit, each chapter's wall-clock seconds and glued numbers. The configuration is validated
@@ -174,9 +179,11 @@ def paper_run(config, overrides=(), until: str = "evaluate", out=None, profile: 
     cfg = load_config(config, list(overrides))
     params = {"profile": profile, "config": repo_relative(config, root),
               "overrides": {".".join(keys): value for keys, value in map(parse_override, overrides)}}
+    if controls:
+        params["controls"] = True
     out = Path(out) if out is not None else cfg.run_dir / "book"
     record = {"config": params["config"], "overrides": params["overrides"], "profile": profile, "until": until,
-              "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notebooks": []}
+              "controls": controls, "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notebooks": []}
     for path in paper_chapters(root, until, stage_names(cfg)):
         started = time.time()
         executed = execute(path, out / path.name, params, cwd=root, log_output=True)
@@ -195,11 +202,13 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("clean", help="strip volatile metadata in place")
     q.add_argument("notebooks", nargs="+")
     q = sub.add_parser("paper-run", help="execute the chapters on a configuration of your own",
-                       usage="python -m cag.book paper-run CONFIG [key=value ...] [--stage STAGE] [--out DIR]")
+                       usage="python -m cag.book paper-run CONFIG [key=value ...] [--stage STAGE] [--out DIR] [--controls]")
     q.add_argument("config", help="YAML file, e.g. configs/gta5_to_cityscapes.yaml")
     q.add_argument("--stage", default="evaluate", help="run the chapters up to this pipeline stage")
     q.add_argument("--out", help="folder for the executed notebooks (default: <run dir>/book)")
     q.add_argument("--profile", default="paper", choices=("paper", "ci"))
+    q.add_argument("--controls", action="store_true",
+                   help="also train the chapters' control runs (one more warm-up, one more stage 1)")
     return p
 
 
@@ -261,7 +270,7 @@ def _main(argv) -> int:
             execute(path)
             print(f"  done in {time.time() - started:.0f} s", flush=True)
     else:
-        out = paper_run(args.config, extra, args.stage, args.out, args.profile)
+        out = paper_run(args.config, extra, args.stage, args.out, args.profile, args.controls)
         print(f"executed notebooks and run.json in {out}")
     return 0
 

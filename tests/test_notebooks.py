@@ -20,6 +20,7 @@ import nbformat
 import pytest
 
 from cag import book
+from cag.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = book.chapters(REPO)
@@ -268,6 +269,26 @@ def test_glued_values_reads_myst_nb_records():
 def test_repo_relative_keeps_outside_paths_absolute(tmp_path):
     assert book.repo_relative(tmp_path / "configs" / "a.yaml", tmp_path) == "configs/a.yaml"
     assert book.repo_relative("/elsewhere/a.yaml", tmp_path) == "/elsewhere/a.yaml"
+
+
+def test_paper_run_passes_controls_to_the_chapters_only_when_asked(monkeypatch, tmp_path):
+    """The paper profile trains no control run unless ``--controls`` asks (one more warm-up, one
+    more stage 1 of the released schedule): the flag reaches the chapters as ``controls=True``."""
+    from cag import analysis
+
+    assert analysis.trains_controls("ci") and not analysis.trains_controls("paper")
+    assert analysis.trains_controls("paper", True) and not analysis.trains_controls("ci", False)
+    with pytest.raises(ConfigError, match="profile"):
+        analysis.trains_controls("gpu")
+    seen = []
+    monkeypatch.setattr(book, "paper_chapters", lambda root, until, stages: [REPO / "book" / "03_source_only_warmup.ipynb"])
+    monkeypatch.setattr(book, "execute", lambda path, out, params, **kw: seen.append(dict(params)) or
+                        nbformat.write(nbformat.v4.new_notebook(), Path(out)) or Path(out))
+    for flag in ([], ["--controls"]):
+        assert book.main(["paper-run", "configs/synthetic.yaml", "--out", str(tmp_path), *flag,
+                          f"out_dir={tmp_path}"]) == 0
+        assert json.loads((tmp_path / "run.json").read_text())["controls"] is bool(flag)
+    assert "controls" not in seen[0] and seen[1]["controls"] is True
 
 
 @pytest.mark.parametrize("argv", [["execute", "--stage", "stage1"], ["execute", "book/no_such_chapter.ipynb"],
