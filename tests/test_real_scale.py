@@ -235,7 +235,11 @@ def test_paper_run_executes_the_chapters_on_the_finished_run(gta5_run, real_data
     names = [n["name"] for n in record["notebooks"]]
     assert names == ["01_data.ipynb", "02_network.ipynb", "03_source_only_warmup.ipynb", "04_anchors.ipynb",
                      "05_pseudo_labels.ipynb", "06_losses.ipynb", "07_stages.ipynb"]
-    assert record["profile"] == "paper" and record["until"] == "evaluate"
+    assert record["profile"] == "paper" and record["until"] == "evaluate" and record["controls"] is False
+    # no control run (chapter 3's warm-up without the adversarial term, chapter 6's stage 1
+    # without the distance loss): the paper profile trains them only with --controls
+    controls = [p.name for p in run.parent.iterdir() if p.name in (f"{run.name}-warmup-no-adv", f"{run.name}-stage1-no-distance")]
+    assert not controls, controls
     assert record["overrides"]["eval.checkpoints"] == ["last"] and record["overrides"]["eval.stages"] == ["stage3"]
     assert not list(book.glob("*.failed.ipynb"))
     glued = {k: v for n in record["notebooks"] for k, v in n["glued"].items()}
