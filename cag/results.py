@@ -380,9 +380,17 @@ def find_comparison(comparison_rows: list[dict], preset: str, arm_a: str, arm_b:
 
 def say(comparison_rows: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: str = "last") -> str:
     """The sentence of :func:`cag.comparisons.verdict` for ``arm_a - arm_b``, with the arms'
-    readable names and a capital first letter (an empty interval, one seed: no interval)."""
+    readable names and a capital first letter (an empty interval, one seed: no interval).
+
+    A comparison without a row says so instead: the benchmark writes a declared comparison only
+    once both arms are scored on all its seeds, so partial results lack some.
+    """
     from .comparisons import verdict
 
-    row = find_comparison(comparison_rows, preset, arm_a, arm_b, checkpoint)
+    try:
+        row = find_comparison(comparison_rows, preset, arm_a, arm_b, checkpoint)
+    except LookupError:
+        return (f"{arm_name(arm_a)[:1].upper()}{arm_name(arm_a)[1:]} - {arm_name(arm_b)} ({checkpoint} checkpoint, "
+                f"preset {preset}): no result in these files (not declared, or not yet scored on all its seeds).")
     sentence = verdict(row, arm_name(arm_a), arm_name(arm_b))
     return sentence[:1].upper() + sentence[1:]

@@ -387,3 +387,7 @@ def test_say(tables):
          "(mean difference +5.0 mIoU points, 95 % CI -1.0 to 11.0, 3 seeds).")
     assert res.say(rows, "class", "cag_long_stage1", "cag_stage1") == \
         "The difference between long-stage CAG stage 1 and CAG stage 1 is +1.0 mIoU points (1 seed: no interval)."
+    # partial results: a declared comparison is written once both arms are scored on all its seeds
+    assert res.say(rows, "full", "cag_stage1", "warmup") == \
+        ("CAG stage 1 - warm-up (last checkpoint, preset full): no result in these files (not declared, or not yet "
+         "scored on all its seeds).")
