@@ -112,7 +112,7 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from cag import analysis, comparisons, experiments, figures, results
+from cag import analysis, comparisons, figures, paper_tables, results
 from cag.listing import listing
 
 os.chdir(analysis.repo_root())
@@ -639,7 +639,7 @@ self-training on the probability rule only), pooled over classes and seeds, `cla
 code(r'''
 quality = [{"arm": results.arm_name(arm), "rule": rule, **entry}
            for arm in ("cag", "self_training") for rule in ("anchor", "probability")
-           for entry in experiments.pseudo_label_overall(labels, "class", arm, rule)]
+           for entry in results.pseudo_label_overall(labels, "class", arm, rule)]
 Markdown(results.markdown(quality, ["arm", "rule", "stage", "precision", "recall", "coverage"],
                           digits=1, percent=("precision", "recall", "coverage")))
 ''', check=True)
@@ -717,15 +717,15 @@ validation set they report. They are here so that a reader sees the claim this c
 """)
 
 code(r'''
-Markdown(experiments.paper_table(experiments.PAPER_GTA5))
+Markdown(paper_tables.paper_table(paper_tables.PAPER_GTA5))
 ''', check=True)
 
 code(r'''
-Markdown(experiments.paper_table(experiments.PAPER_SYNTHIA13))
+Markdown(paper_tables.paper_table(paper_tables.PAPER_SYNTHIA13))
 ''', check=True)
 
 code(r'''
-paper = experiments.PAPER_GTA5["rows"]
+paper = paper_tables.PAPER_GTA5["rows"]
 print(f"CAG-UDA (poster) over the source-only row: "
       f"{paper['CAG-UDA'][-1] - paper['Source only'][-1]:.1f} points, over BLF: "
       f"{paper['CAG-UDA'][-1] - paper['BLF (BDL)'][-1]:.1f}; its per-class values average "
