@@ -19,7 +19,7 @@ import torch
 
 from .anchors import downsample_labels
 from .config import Config, ConfigError, load_config
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, class_names
 from .losses import anchor_distance_loss
 from .pseudo_labels import (
     anchor_distances,
@@ -348,6 +348,62 @@ def mean_precision_recall(quality: dict) -> tuple[float, float]:
     correct = float(quality["correct"].sum())
     assigned, truth = float(quality["assigned"].sum()), float(quality["ground_truth"].sum())
     return (correct / assigned if assigned else math.nan, correct / truth if truth else math.nan)
+
+
+def stage_labellers(cfg: Config) -> list[tuple[int, Path, Path]]:
+    """(stage k, frozen pseudo-labeller checkpoint, anchor file) of every CAG stage of a finished run
+    (the benchmark's ``pseudo_labels.csv``: :func:`pseudo_label_counts`, :func:`pseudo_label_rows`)."""
+    from .pipeline import Pipeline
+
+    pipeline = Pipeline(cfg)
+    out = []
+    for k in range(1, cfg.cag.stages + 1):
+        labeller = pipeline.model_of("warmup" if k == 1 else f"stage{k - 1}")
+        anchors = pipeline.stage_dir("anchors") / "anchors.pt"
+        if cfg.anchors.recompute_per_stage and k > 1:
+            anchors = pipeline.stage_dir(f"stage{k}") / "anchors" / "anchors.pt"
+        out.append((k, labeller, anchors))
+    return out
+
+
+def pseudo_label_counts(cfg: Config, labeller: Path, anchors_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-class pseudo-label counts of a frozen labeller over the target train split.
+
+    Both rules of docs/method.md §3 at the stage's settings, ``anchor`` (eq. 1-2, margin
+    ``cag.delta_d``) and ``probability`` (softmax > ``cag.prob_threshold``), each a
+    :func:`cag.pseudo_labels.pseudo_label_quality` dict summed over the split by
+    :func:`split_pseudo_label_quality` (whole images, labels downsampled by
+    nearest). The labels exist on disk for this measurement only; no training run reads them.
+    """
+    from .anchors import load_anchors
+    from .stages import eval_dataset, make_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    anchors, anchor_counts = load_anchors(anchors_path)
+    quality = split_pseudo_label_quality(make_model(cfg, device, labeller), eval_dataset(cfg, "train"), anchors,
+                                         anchor_counts, cfg.data.num_classes, device, delta_ds=(cfg.cag.delta_d,),
+                                         prob_threshold=cfg.cag.prob_threshold, batch_size=cfg.eval.batch_size)
+    return {"anchor": quality["anchor"][cfg.cag.delta_d], "probability": quality["probability"]}
+
+
+def pseudo_label_rows(counts: dict[str, dict[str, torch.Tensor]], num_classes: int, **fields) -> list[dict]:
+    """One row per rule and class present in the ground truth or the pseudo-labels.
+
+    precision = correct / assigned, recall = correct / ground truth, coverage = labelled /
+    ground truth (the share of the class's pixels that get any pseudo-label, right or wrong).
+    """
+    rows = []
+    for rule, c in counts.items():
+        for index, name in enumerate(class_names(num_classes)):
+            gt, assigned = int(c["ground_truth"][index]), int(c["assigned"][index])
+            correct, labelled = int(c["correct"][index]), int(c["labelled"][index])
+            if gt == 0 and assigned == 0:
+                continue
+            rows.append({**fields, "rule": rule, "class": name, "ground_truth_pixels": gt,
+                         "assigned_pixels": assigned, "correct_pixels": correct, "labelled_pixels": labelled,
+                         "precision": correct / assigned if assigned else None,
+                         "recall": correct / gt if gt else None, "coverage": labelled / gt if gt else None})
+    return rows
 
 
 # ----------------------------------------------------------------------------- losses

@@ -391,8 +391,7 @@ class Context:
                 **({"adapted_on": "train"} if job.kind == "adabn" else {})}, wall
 
     def _labeller(self, run: Run, k: int) -> dict:
-        from .analysis import QUALITY_COUNTS
-        from .experiments import pseudo_label_counts, stage_labellers
+        from .analysis import QUALITY_COUNTS, pseudo_label_counts, stage_labellers
 
         if k == 1 and run.upstream is not None:
             self.export(*run.upstream)  # stage 1's labeller is the model the run started from

@@ -211,7 +211,7 @@ def benchmark_tables(spec: dict, ctx: Context | None = None) -> dict:
     """The benchmark's rows from the valid cached units: ``summary``, ``pseudo_labels``, ``delta_d``,
     ``comparison_rows`` (summary rows plus a ``best_val`` copy of ``last`` wherever both are the same
     weights), ``runs`` (every run of the plan) and ``complete`` (no unit missing)."""
-    from .experiments import pseudo_label_rows
+    from .analysis import pseudo_label_rows
     from .labels import class_names
 
     ctx = ctx or Context(spec)

@@ -259,18 +259,23 @@ def verdict(row, name_a: str | None = None, name_b: str | None = None, unit_scal
             f"(mean difference {mean:+.{digits}f} mIoU points, {interval}).")
 
 
-def count_sentence(rows: list[dict]) -> str:
+def count_sentence(rows: list[dict], complete: bool = True) -> str:
     """How many of the comparisons' 95 % intervals exclude zero, next to the ``0.05 * n`` that
-    would do so by chance alone if no arm differed from any other."""
+    would do so by chance alone if no arm differed from any other.
+
+    ``complete=False`` (runs.json of an unfinished benchmark): the rows are the declared
+    comparisons scored so far, and the sentence says so instead of counting what is declared.
+    """
     n = len(rows)
     if n == 0:
-        return "The experiment file declares no comparisons."
+        return ("The experiment file declares no comparisons." if complete
+                else "These partial results hold none of the declared comparisons yet.")
     k = sum(excludes_zero(row) for row in rows)
+    counted = (f"The experiment file declares {n} comparison{'' if n == 1 else 's'}" if complete
+               else f"These partial results hold {n} of the declared comparisons")
     if n == 1:
-        first = ("The experiment file declares 1 comparison; its 95 % interval "
-                 f"{'excludes' if k else 'does not exclude'} zero.")
+        first = f"{counted}; its 95 % interval {'excludes' if k else 'does not exclude'} zero."
     else:
-        first = (f"The experiment file declares {n} comparisons; {k} of their 95 % intervals "
-                 f"{'excludes' if k == 1 else 'exclude'} zero.")
+        first = f"{counted}; {k} of their 95 % intervals {'excludes' if k == 1 else 'exclude'} zero."
     plural = "" if n == 1 else "s"
     return f"{first} With {n} comparison{plural}, about {0.05 * n:.1f} would exclude zero by chance alone if no arm differed."

@@ -431,6 +431,16 @@ def cag_idea(delta_d: float = 1.0, seed: int = 0, n: int = 150):
 _HELD_OUT = "mIoU on the held-out target split (%)"
 
 
+def _no_data(ax, what: str):
+    """An empty panel that says what is missing (partial results: the benchmark writes a row
+    only once it is scored), instead of an error; returns the panel's figure."""
+    ax.text(0.5, 0.5, f"{what} in these results files yet", ha="center", va="center", transform=ax.transAxes,
+            color="0.35")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax.figure
+
+
 def plot_arms(rows, preset: str, arms=None, checkpoint: str = "last"):
     """Every arm of one preset (summary.csv rows): a bar at the mean mIoU over seeds
     (:func:`cag.results.miou_table`, arms in its order unless given) and each seed as a dot."""
@@ -462,10 +472,13 @@ def plot_comparisons(comparison_rows, preset: str | None = None):
     from .results import arm_name
 
     shown = [r for r in comparison_rows if preset is None or r["preset"] == preset]
-    if not shown:
-        raise ValueError(f"no comparison on preset {preset!r}")
     fig = _figure(9.0, 0.32 * len(shown) + 1.6)
     ax = fig.subplots()
+    ax.set_xlabel("arm A - arm B in mIoU points (mean, 95 % CI)")
+    ax.set_ylabel("comparison (arm A - arm B)")
+    ax.set_title("Paired comparisons" + (f" on preset {preset}" if preset else "") + " (differences within each seed)")
+    if not shown:
+        return _no_data(ax, "no comparison" + (f" on preset {preset}" if preset else ""))
     for y, row in enumerate(shown):
         mean, low, high = (math.nan if row[k] is None else 100 * float(row[k]) for k in ("mean_diff", "ci_low", "ci_high"))
         colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "0.45"
@@ -475,10 +488,7 @@ def plot_comparisons(comparison_rows, preset: str | None = None):
     ax.set_yticks(range(len(shown)), labels, fontsize="small")
     ax.set_ylim(len(shown) - 0.5, -0.5)
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("arm A - arm B in mIoU points (mean, 95 % CI)")
-    ax.set_ylabel("comparison (arm A - arm B)")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("Paired comparisons" + (f" on preset {preset}" if preset else "") + " (differences within each seed)")
     return fig
 
 
@@ -551,7 +561,13 @@ def plot_delta_d(delta_rows, stage: int = 1, preset: str | None = None):
 
     fig = _figure(10.0, 3.8)
     left, right = fig.subplots(1, 2)
+    fig.suptitle("Delta_d sweep" + (f" on preset {preset}" if preset else "") + ": means over seeds")
     table = delta_d_table(delta_rows, stage, preset)
+    if not table:
+        for ax, ylabel in ((left, f"% of target-train pixels, stage {stage}"), (right, _HELD_OUT)):
+            ax.set(xlabel="Delta_d / smallest anchor gap", ylabel=ylabel)
+            _no_data(ax, "no Delta_d sweep row")
+        return fig
     fractions = [t["fraction"] for t in table]
     for key, label in (("active_fraction", "active fraction"), ("active_precision", "precision of the active pixels")):
         left.plot(fractions, [np.nan if t[key] is None else 100 * t[key] for t in table], marker="o", label=label)
@@ -568,7 +584,6 @@ def plot_delta_d(delta_rows, stage: int = 1, preset: str | None = None):
         ax.set_xlabel("Delta_d / smallest anchor gap")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle("Delta_d sweep" + (f" on preset {preset}" if preset else "") + ": means over seeds")
     return fig
 
 
@@ -580,6 +595,11 @@ def plot_stage_curves(rows, preset: str, arms=("cag", "self_training"), checkpoi
     table = stage_table(rows, preset, arms, checkpoint)
     fig = _figure(6.5, 3.8)
     ax = fig.subplots()
+    ax.set_xlabel("CAG stage")
+    ax.set_ylabel(_HELD_OUT)
+    ax.set_title(f"Preset {preset}: mIoU per stage\n(mean over seeds with its 95 % CI; {checkpoint} checkpoint)")
+    if not table:
+        return _no_data(ax, f"no stage of {', '.join(arms)} on preset {preset}")
     for k, arm in enumerate(arms):
         points = [t for t in table if t["arm"] == arm]
         if not points:
@@ -590,9 +610,6 @@ def plot_stage_curves(rows, preset: str, arms=("cag", "self_training"), checkpoi
                     marker="o", capsize=3, label=points[0]["name"])
     stages = sorted({t["stage"] for t in table})
     ax.set_xticks(stages, ["warm-up" if s == 0 else str(s) for s in stages])
-    ax.set_xlabel("CAG stage")
-    ax.set_ylabel(_HELD_OUT)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title(f"Preset {preset}: mIoU per stage\n(mean over seeds with its 95 % CI; {checkpoint} checkpoint)")
     return fig

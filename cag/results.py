@@ -346,6 +346,28 @@ def delta_d_table(rows: list[dict], stage: int = 1, preset: str | None = None) -
              "n": sum(r["fraction"] == f for r in rows)} for f in sorted({r["fraction"] for r in rows})]
 
 
+# ----------------------------------------------------------------------------- pseudo-labels
+
+
+def pseudo_label_overall(label_rows: list[dict], preset: str, arm: str = "cag", rule: str = "anchor") -> list[dict]:
+    """pseudo_labels.csv per CAG stage for one preset, arm and rule: dicts ``{stage, precision,
+    recall, coverage}`` pooled over classes and seeds (pixel counts summed, then the rates of
+    :func:`cag.pseudo_labels.quality_rates`; None where a denominator is 0)."""
+    rows = [r for r in label_rows if (r["preset"], r["arm"], r["rule"]) == (preset, arm, rule)]
+
+    def rate(numerator: int, denominator: int) -> float | None:
+        return numerator / denominator if denominator else None
+
+    table = []
+    for stage in sorted({r["stage"] for r in rows}):
+        correct, assigned, labelled, truth = (sum(r[key] for r in rows if r["stage"] == stage) for key in
+                                              ("correct_pixels", "assigned_pixels", "labelled_pixels",
+                                               "ground_truth_pixels"))
+        table.append({"stage": stage, "precision": rate(correct, assigned), "recall": rate(correct, truth),
+                      "coverage": rate(labelled, truth)})
+    return table
+
+
 # ----------------------------------------------------------------------------- text
 
 
@@ -380,9 +402,18 @@ def find_comparison(comparison_rows: list[dict], preset: str, arm_a: str, arm_b:
 
 def say(comparison_rows: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: str = "last") -> str:
     """The sentence of :func:`cag.comparisons.verdict` for ``arm_a - arm_b``, with the arms'
-    readable names and a capital first letter (an empty interval, one seed: no interval)."""
+    readable names and a capital first letter (an empty interval, one seed: no interval).
+
+    A comparison without a row says so instead: the benchmark writes a declared comparison only
+    once both arms are scored on all its seeds, so partial results lack some.
+    """
     from .comparisons import verdict
 
-    row = find_comparison(comparison_rows, preset, arm_a, arm_b, checkpoint)
-    sentence = verdict(row, arm_name(arm_a), arm_name(arm_b))
+    try:
+        row = find_comparison(comparison_rows, preset, arm_a, arm_b, checkpoint)
+    except LookupError:
+        sentence = (f"{arm_name(arm_a)} - {arm_name(arm_b)} ({checkpoint} checkpoint, preset {preset}): no result in "
+                    f"these files (not declared, or not yet scored on all its seeds).")
+    else:
+        sentence = verdict(row, arm_name(arm_a), arm_name(arm_b))
     return sentence[:1].upper() + sentence[1:]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cag import analysis
 from cag.config import ConfigError
+from cag.labels import class_names
 from cag.pseudo_labels import pseudo_label_quality
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,3 +370,33 @@ def test_feature_space_panel_projects_the_labelled_pixels_of_the_images():
     panel, report = feature_space_panel(Identity(), images, labels, anchors, counts, mean, axes, "cpu", "t")
     assert panel["title"] == "t" and panel["points"].shape == (24, 2) and panel["anchors"].shape == (2, 2)
     assert panel["anchor_classes"].tolist() == [0, 1] and report["pixels"].tolist() == [8.0, 16.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- the benchmark's pseudo_labels.csv
+
+
+def test_pseudo_label_rows_counts_and_rates_on_a_hand_case():
+    # ground truth [[0, 0], [1, ignore]]; pseudo [[0, 1], [1, 0]]: the ignored pixel is not evaluated
+    labels = torch.tensor([[[0, 0], [1, 255]]])
+    pseudo = torch.tensor([[[0, 1], [1, 0]]])
+    counts = pseudo_label_quality(pseudo, labels, num_classes=19)
+    assert counts["correct"].tolist() == [1, 1] + [0] * 17
+    assert counts["assigned"].tolist() == [1, 2] + [0] * 17
+    assert counts["ground_truth"].tolist() == [2, 1] + [0] * 17
+    assert counts["labelled"].tolist() == [2, 1] + [0] * 17
+    rows = analysis.pseudo_label_rows({"anchor": counts}, 19, preset="p", stage=1)
+    names = class_names(19)
+    by_class = {r["class"]: r for r in rows}
+    assert set(by_class) == {names[0], names[1]}  # the other classes are in neither map
+    assert (by_class[names[0]]["precision"], by_class[names[0]]["recall"], by_class[names[0]]["coverage"]) == (1.0, 0.5, 1.0)
+    assert (by_class[names[1]]["precision"], by_class[names[1]]["recall"], by_class[names[1]]["coverage"]) == (0.5, 1.0, 1.0)
+
+
+def test_coverage_counts_wrong_labels_and_not_the_unlabelled():
+    labels = torch.tensor([[[0, 0, 0, 0]]])
+    pseudo = torch.tensor([[[0, 1, 255, 255]]])
+    counts = pseudo_label_quality(pseudo, labels, num_classes=19)
+    road, sidewalk = analysis.pseudo_label_rows({"probability": counts}, 19)
+    assert (road["precision"], road["recall"], road["coverage"]) == (1.0, 0.25, 0.5)
+    # sidewalk is absent from the ground truth but was assigned once: precision 0, no recall
+    assert (sidewalk["assigned_pixels"], sidewalk["precision"], sidewalk["recall"]) == (1, 0.0, None)

@@ -266,3 +266,11 @@ def test_count_sentence_singular():
         "The experiment file declares 1 comparison; its 95 % interval does not exclude zero.")
     rows = [row(0.02, 0.01, 0.03)] + [row(0.0, -0.01, 0.01)] * 2
     assert "3 comparisons; 1 of their 95 % intervals excludes zero." in cmp.count_sentence(rows)
+
+
+def test_count_sentence_of_partial_results():
+    rows = [row(0.02, 0.01, 0.03)] + [row(0.0, -0.01, 0.01)] * 2
+    assert cmp.count_sentence(rows, complete=False).startswith(
+        "These partial results hold 3 of the declared comparisons; 1 of their 95 % intervals excludes zero.")
+    assert cmp.count_sentence([], complete=False) == "These partial results hold none of the declared comparisons yet."
+    assert cmp.count_sentence([]) == "The experiment file declares no comparisons."

@@ -73,8 +73,9 @@ def test_plot_comparisons(tables, check):
     (ax,) = check(fig, 1)
     assert len(containers(ax, ErrorbarContainer)) == 6
     assert [t.get_text() for t in ax.get_yticklabels()][-1] == "CAG stage 1 - self-training stage 1 [global]"
-    with pytest.raises(ValueError, match="full"):
-        figures.plot_comparisons(tables["comparisons"], "full")
+    (ax,) = check(figures.plot_comparisons(tables["comparisons"], "full"), 1)   # partial results: none yet
+    assert not containers(ax, ErrorbarContainer)
+    assert [t.get_text() for t in ax.texts] == ["no comparison on preset full in these results files yet"]
 
 
 def test_plot_per_class_iou(tables, check):
@@ -131,3 +132,14 @@ def test_plot_stage_curves(tables, check):
     assert (low, high) == (pytest.approx(54.0 - half), pytest.approx(54.0 + half))
     assert [t.get_text() for t in ax.get_xticklabels()] == ["warm-up", "1", "2"]
     assert ax.get_legend_handles_labels()[1] == ["CAG", "self-training"]
+
+
+def test_figures_of_results_not_scored_yet_say_so_without_warnings(check, recwarn):
+    """Partial results (the benchmark writes a row once it is scored): an empty panel that says
+    what is missing, no error and no warning (a notebook would show it as stderr)."""
+    (ax,) = check(figures.plot_stage_curves([], "class"), 1)
+    assert [t.get_text() for t in ax.texts] == ["no stage of cag, self_training on preset class in these results "
+                                                "files yet"]
+    for ax in check(figures.plot_delta_d([], preset="class"), 2):
+        assert [t.get_text() for t in ax.texts] == ["no Delta_d sweep row in these results files yet"]
+    assert not recwarn.list

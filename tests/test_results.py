@@ -387,3 +387,20 @@ def test_say(tables):
          "(mean difference +5.0 mIoU points, 95 % CI -1.0 to 11.0, 3 seeds).")
     assert res.say(rows, "class", "cag_long_stage1", "cag_stage1") == \
         "The difference between long-stage CAG stage 1 and CAG stage 1 is +1.0 mIoU points (1 seed: no interval)."
+    # partial results: a declared comparison is written once both arms are scored on all its seeds
+    assert res.say(rows, "full", "cag_stage1", "warmup") == \
+        ("CAG stage 1 - warm-up (last checkpoint, preset full): no result in these files (not declared, or not yet "
+         "scored on all its seeds).")
+
+
+def test_pseudo_label_overall_pools_pixels_over_classes_and_seeds():
+    base = {"preset": "class", "arm": "cag", "rule": "anchor", "stage": 1}
+    rows = [{**base, "seed": 1, "class": "road", "correct_pixels": 3, "assigned_pixels": 4, "labelled_pixels": 5,
+             "ground_truth_pixels": 10},
+            {**base, "seed": 2, "class": "sidewalk", "correct_pixels": 1, "assigned_pixels": 1, "labelled_pixels": 1,
+             "ground_truth_pixels": 10},
+            {**base, "rule": "probability", "seed": 1, "class": "road", "correct_pixels": 0, "assigned_pixels": 9,
+             "labelled_pixels": 9, "ground_truth_pixels": 10}]
+    (stage1,) = res.pseudo_label_overall(rows, "class")
+    assert stage1 == {"stage": 1, "precision": pytest.approx(4 / 5), "recall": pytest.approx(4 / 20),
+                      "coverage": pytest.approx(6 / 20)}

@@ -1,9 +1,12 @@
-"""Writes the draft of chapter 8 (``book/drafts/08_results.ipynb``) with nbformat, and optionally
-placeholder results files to develop it against.
+"""Writes chapter 8 (the results of the version-2 benchmark) with nbformat: the book's
+``book/08_results.ipynb``, or a draft of it (``book/drafts/08_results.ipynb``, not committed), and
+optionally placeholder results files to develop it against.
 
-    python book/drafts/make_08.py                      # write the notebook (no outputs)
+    python book/drafts/make_08.py                      # write the draft (no outputs)
     python book/drafts/make_08.py --fake DIR           # write FAKE results files into DIR
-    python book/drafts/make_08.py --execute DIR        # write, then run it on DIR (papermill)
+    python book/drafts/make_08.py --execute DIR        # write the draft, then run it on DIR (papermill)
+    python book/drafts/make_08.py --book               # write and run book/08_results.ipynb
+    python book/drafts/make_08.py --book DIR           #   ... on DIR instead of results/benchmark
 
 ``--fake`` writes the six CSV files and the two JSON files of ``results/benchmark/`` (formats of
 ``cag.calibration`` and ``cag.benchmark_table``) with made-up but plausible values: 5 seeds on
@@ -12,15 +15,20 @@ placeholder results files to develop it against.
 ``cag.benchmark_table.comparison_results``).
 They are placeholders for the chapter's layout, never results.
 
-``--execute`` runs the notebook with ``results_dir=DIR`` through ``cag.book.execute`` (papermill,
+``--execute`` runs the draft with ``results_dir=DIR`` through ``cag.book.execute`` (papermill,
 volatile metadata stripped), removes the cell papermill injects (so that a later plain run reads
-the default ``results/benchmark``), and puts the draft banner first.
+the default ``results/benchmark``), and puts the draft banner first. ``--book`` does the same
+into ``book/08_results.ipynb``, without the banner: the chapter is replaced only when every cell
+ran (a failed run is left as ``book/08_results.failed.ipynb``). The chapter reads whatever the
+results folder holds; on partial results (``runs.json``: ``complete`` false) it says which
+comparisons are missing instead of failing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -29,9 +37,10 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 NOTEBOOK = HERE / "08_results.ipynb"
+BOOK = REPO / "book" / "08_results.ipynb"
 MAX_LINE = 100
-BANNER = ("Draft: executed on placeholder data; re-executed on results/benchmark when the table is "
-          "complete")
+BANNER = ("Draft: executed on the results folder given to `make_08.py --execute` (placeholder or "
+          "partial results); the book's chapter is `book/08_results.ipynb` (`make_08.py --book`)")
 
 # ----------------------------------------------------------------------------- the chapter
 
@@ -55,7 +64,6 @@ def code(text: str, *, check: bool = False, alt: str | None = None, caption: str
     CELLS.append(("code", text.strip("\n"), meta))
 
 
-md(BANNER)
 
 md(r"""
 # 8 · Results
@@ -104,7 +112,7 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from cag import analysis, comparisons, experiments, figures, results
+from cag import analysis, comparisons, figures, paper_tables, results
 from cag.listing import listing
 
 os.chdir(analysis.repo_root())
@@ -564,9 +572,11 @@ present. The comparisons declared on each preset, three seeds each:
 code(r'''
 for preset in ("global", "full"):
     print(f"{preset}:")
-    for row in compared:
-        if row["preset"] == preset:
-            print("  " + results.say(compared, preset, row["arm_a"], row["arm_b"]))
+    shown = [row for row in compared if row["preset"] == preset]
+    for row in shown:
+        print("  " + results.say(compared, preset, row["arm_a"], row["arm_b"]))
+    if not shown:
+        print("  no comparison in these results files yet")
 ''', check=True)
 
 md(r"""
@@ -585,7 +595,7 @@ figures.plot_comparisons(compared)
      name="fig-results-comparisons")
 
 code(r'''
-print(comparisons.count_sentence(compared))
+print(comparisons.count_sentence(compared, complete=runs["complete"]))
 ''', check=True)
 
 md(r"""
@@ -629,7 +639,7 @@ self-training on the probability rule only), pooled over classes and seeds, `cla
 code(r'''
 quality = [{"arm": results.arm_name(arm), "rule": rule, **entry}
            for arm in ("cag", "self_training") for rule in ("anchor", "probability")
-           for entry in experiments.pseudo_label_overall(labels, "class", arm, rule)]
+           for entry in results.pseudo_label_overall(labels, "class", arm, rule)]
 Markdown(results.markdown(quality, ["arm", "rule", "stage", "precision", "recall", "coverage"],
                           digits=1, percent=("precision", "recall", "coverage")))
 ''', check=True)
@@ -707,15 +717,15 @@ validation set they report. They are here so that a reader sees the claim this c
 """)
 
 code(r'''
-Markdown(experiments.paper_table(experiments.PAPER_GTA5))
+Markdown(paper_tables.paper_table(paper_tables.PAPER_GTA5))
 ''', check=True)
 
 code(r'''
-Markdown(experiments.paper_table(experiments.PAPER_SYNTHIA13))
+Markdown(paper_tables.paper_table(paper_tables.PAPER_SYNTHIA13))
 ''', check=True)
 
 code(r'''
-paper = experiments.PAPER_GTA5["rows"]
+paper = paper_tables.PAPER_GTA5["rows"]
 print(f"CAG-UDA (poster) over the source-only row: "
       f"{paper['CAG-UDA'][-1] - paper['Source only'][-1]:.1f} points, over BLF: "
       f"{paper['CAG-UDA'][-1] - paper['BLF (BDL)'][-1]:.1f}; its per-class values average "
@@ -755,42 +765,45 @@ the same warm-up, the comparisons this chapter asks first.
 # ----------------------------------------------------------------------------- writing
 
 
-def build() -> nbformat.NotebookNode:
+def build(banner: bool = True) -> nbformat.NotebookNode:
+    """The chapter's notebook, with the draft banner first when ``banner``."""
     nb = new_notebook()
     nb.metadata = {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
                                   "name": "python3"},
                    "language_info": {"name": "python"}}
-    for kind, text, meta in CELLS:
+    for index, (kind, text, meta) in enumerate(CELLS, start=1):
         cell = new_markdown_cell(text) if kind == "markdown" else new_code_cell(text)
         cell.metadata.update(meta)
-        nb.cells.append(cell)
-    for index, cell in enumerate(nb.cells):
         cell.id = f"cell-{index:02d}"  # stable ids: a rewrite changes only what changed
         if cell.cell_type == "code":
             long = [line for line in cell.source.splitlines() if len(line) > MAX_LINE]
             if long:
                 raise SystemExit(f"code line over {MAX_LINE} characters: {long[0]!r}")
+        nb.cells.append(cell)
+    if banner:
+        nb.cells.insert(0, new_markdown_cell(BANNER, id="cell-00"))
     nbformat.validate(nb)
     return nb
 
 
-def write() -> Path:
-    nb = build()
-    nbformat.write(nb, NOTEBOOK)
-    return NOTEBOOK
+def write(path: Path = NOTEBOOK, banner: bool = True) -> Path:
+    nbformat.write(build(banner), path)
+    return path
 
 
-def execute(results_dir: str) -> Path:
-    """Run the draft on ``results_dir``; drop papermill's injected cell (it would pin the path)."""
+def execute(results_dir: str, out: Path = NOTEBOOK, banner: bool = True) -> Path:
+    """Run the chapter on ``results_dir`` into ``out``; drop papermill's injected cell (it would
+    pin the path). ``out`` is replaced only when every cell ran."""
     sys.path.insert(0, str(REPO))
     from cag import book
 
-    write()
-    book.execute(NOTEBOOK, NOTEBOOK, parameters={"results_dir": results_dir}, cwd=REPO)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = write(Path(scratch) / out.name, banner)
+        book.execute(source, out, parameters={"results_dir": results_dir}, cwd=REPO)
+    nb = nbformat.read(out, as_version=4)
     nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
-    nbformat.write(book.clean_notebook(nb), NOTEBOOK)
-    return NOTEBOOK
+    nbformat.write(book.clean_notebook(nb), out)
+    return out
 
 
 # ----------------------------------------------------------------------------- placeholder data
@@ -942,13 +955,20 @@ def fake(out: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fake", metavar="DIR", help="write placeholder results files into DIR")
-    parser.add_argument("--execute", metavar="DIR", help="write the notebook, then run it on DIR")
+    parser.add_argument("--execute", metavar="DIR", help="write the draft, then run it on DIR")
+    parser.add_argument("--book", nargs="?", const="results/benchmark", metavar="DIR",
+                        help="write book/08_results.ipynb (no banner) and run it on DIR "
+                             "(default: results/benchmark)")
     args = parser.parse_args(argv)
     if args.fake:
         fake(Path(args.fake).resolve())
     if args.execute:
         print(f"executed {execute(str(Path(args.execute).resolve()))}")
-    elif not args.fake:
+    if args.book:
+        folder = Path(args.book).resolve()
+        shown = folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder
+        print(f"executed {execute(str(shown), BOOK, banner=False)}")
+    if not (args.fake or args.execute or args.book):
         print(f"wrote {write()}")
     return 0
 

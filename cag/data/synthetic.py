@@ -50,10 +50,10 @@ class Preset(NamedTuple):
 
 
 #: The shift presets. Effective amount of a component = strength * weight.
-#: Default strengths are calibrated (docs/data.md §7; results/README.md): source-only reaches
-#: 50-65 % of the target-trained model's mIoU on target *val* with configs/synthetic.yaml (then on version 1), seed 1,
-#: measured before any adaptation ran (results/calibration.csv: class 0.302 / 0.484 = 62 %,
-#: global 0.295 / 0.498 = 59 %, full 0.277 / 0.484 = 57 %).
+#: Default strengths are calibrated (docs/data.md §7): source-only reaches 50-65 % of the target-trained
+#: model's mIoU on target *val* with configs/synthetic.yaml (then on version 1), seed 1, measured before any
+#: adaptation ran by version 1's calibration (removed; results/README.md names the commit: class 0.302 / 0.484
+#: = 62 %, global 0.295 / 0.498 = 59 %, full 0.277 / 0.484 = 57 %).
 PRESETS: dict[str, Preset] = {
     #                 global  class  layout  default strength
     "global": Preset(1.0,    0.0,   0.0,    1.6),
@@ -63,7 +63,7 @@ PRESETS: dict[str, Preset] = {
 
 #: Bump whenever rendering or file layout changes: cached benchmarks then regenerate.
 FORMAT_VERSION = 1
-#: Scene versions: 1 (12 classes; chapter 8's table as it stands), 2 the book's chapters 1-7 and
+#: Scene versions: 1 (12 classes; version 1 of the benchmark table, removed), 2 the book's chapters 1-7 and
 #: the new benchmark table's (17 classes, five shift components: street_scene, appearance, domain_shift).
 VERSIONS = (1, 2)
 MANIFEST = "benchmark.json"
