@@ -197,6 +197,7 @@ def write_csv(path: Path, rows: list[dict], keys, extra_columns=()) -> None:
 
 
 def write_runs(path: Path, runs) -> None:
+    """Write the record of an experiment's runs (configuration, commit, time) as sorted JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(runs, indent=1, sort_keys=True, default=str))
 
