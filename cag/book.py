@@ -186,7 +186,9 @@ def paper_run(config, overrides=(), until: str = "evaluate", out=None, profile: 
               "controls": controls, "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notebooks": []}
     for path in paper_chapters(root, until, stage_names(cfg)):
         started = time.time()
-        executed = execute(path, out / path.name, params, cwd=root, log_output=True)
+        # controls only where a chapter declares it (papermill warns about unknown parameters)
+        own = {k: v for k, v in params.items() if k != "controls" or k in parameter_defaults(path)}
+        executed = execute(path, out / path.name, own, cwd=root, log_output=True)
         record["notebooks"].append({"name": path.name, "seconds": round(time.time() - started, 1),
                                     "glued": glued_values(nbformat.read(executed, as_version=4))})
         (out / "run.json").write_text(json.dumps(record, indent=2))

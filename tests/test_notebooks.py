@@ -296,14 +296,17 @@ def test_paper_run_passes_controls_to_the_chapters_only_when_asked(monkeypatch, 
     with pytest.raises(ConfigError, match="profile"):
         analysis.trains_controls("gpu")
     seen = []
-    monkeypatch.setattr(book, "paper_chapters", lambda root, until, stages: [REPO / "book" / "03_source_only_warmup.ipynb"])
+    chapters = [REPO / "book" / "02_network.ipynb", REPO / "book" / "03_source_only_warmup.ipynb"]
+    monkeypatch.setattr(book, "paper_chapters", lambda root, until, stages: chapters)
     monkeypatch.setattr(book, "execute", lambda path, out, params, **kw: seen.append(dict(params)) or
                         nbformat.write(nbformat.v4.new_notebook(), Path(out)) or Path(out))
     for flag in ([], ["--controls"]):
         assert book.main(["paper-run", "configs/synthetic.yaml", "--out", str(tmp_path), *flag,
                           f"out_dir={tmp_path}"]) == 0
         assert json.loads((tmp_path / "run.json").read_text())["controls"] is bool(flag)
-    assert "controls" not in seen[0] and seen[1]["controls"] is True
+    # without the flag no chapter gets it; with it, only the chapters that declare the parameter
+    assert "controls" not in seen[0] and "controls" not in seen[1]
+    assert "controls" not in seen[2] and seen[3]["controls"] is True
 
 
 @pytest.mark.parametrize("argv", [["execute", "--stage", "stage1"], ["execute", "book/no_such_chapter.ipynb"],
