@@ -298,7 +298,8 @@ def calibration_verdicts(rows: list[dict], class_rows: list[dict], preset: str, 
     ends included), ``closure_ok`` (<= ``MAX_CLOSURE``), ``floor_ok`` (>= ``MIN_ORACLE_CLASS_IOU``),
     ``plateau_ok`` (absolute change < ``MAX_PLATEAU_CHANGE`` on every longer schedule). An aim whose
     number was not measured is None. ``closure_applies`` is False outside ``CLOSURE_PRESETS``;
-    ``all_ok`` is True when every applicable aim is True.
+    ``all_ok`` is False when an applicable aim fails, None when none fails but one is not
+    measured yet, and True when every applicable aim holds.
     """
     cell = [t for t in calibration_table(rows) if t["preset"] == preset and _same(t["strength"], strength)]
     if not cell:
@@ -324,8 +325,34 @@ def calibration_verdicts(rows: list[dict], class_rows: list[dict], preset: str, 
            "floor_ok": check(floor_iou, lambda v: v >= MIN_ORACLE_CLASS_IOU - _TOLERANCE),
            "plateau_ok": check(changes or None, lambda v: all(abs(c) < MAX_PLATEAU_CHANGE - _TOLERANCE for c in v))}
     aims = ["ratio_ok", "floor_ok", "plateau_ok"] + (["closure_ok"] if out["closure_applies"] else [])
-    out["all_ok"] = all(out[k] is True for k in aims)
+    verdicts = [out[k] for k in aims]
+    out["all_ok"] = False if False in verdicts else (None if None in verdicts else True)
     return out
+
+
+def calibration_sentence(verdict: dict) -> str:
+    """One sentence per calibrated cell from :func:`calibration_verdicts`: each aim's number
+    beside its threshold and whether it holds ("not measured yet" where it has no number)."""
+    def said(ok) -> str:
+        return "not measured yet" if ok is None else ("met" if ok else "NOT met")
+
+    def number(value, fmt) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    low, high = RATIO_BAND
+    parts = [f"source-only at {number(verdict['ratio'], '.1%')} of the oracle (aim {low:.0%}-{high:.0%}: "
+             f"{said(verdict['ratio_ok'])})"]
+    if verdict["closure_applies"]:
+        parts.append(f"AdaBN closing {number(verdict['closure'], '.1%')} of the gap (aim at most "
+                     f"{MAX_CLOSURE:.0%}: {said(verdict['closure_ok'])})")
+    parts.append(f"the oracle's weakest class {verdict['floor_class'] or '–'} at IoU "
+                 f"{number(verdict['floor_iou'], '.3f')} (aim at least {MIN_ORACLE_CLASS_IOU:.2f}: "
+                 f"{said(verdict['floor_ok'])})")
+    parts.append(f"twice the source-only iterations changing val mIoU by {number(verdict['plateau_change'], '+.1f')} "
+                 f"points (aim under {MAX_PLATEAU_CHANGE:g}: {said(verdict['plateau_ok'])})")
+    overall = {True: "every aim met", False: "not every aim met", None: "not every aim measured yet"}
+    return (f"{verdict['preset']} at strength {verdict['strength']:g}: " + "; ".join(parts)
+            + f". In all: {overall[verdict['all_ok']]}.")
 
 
 # ----------------------------------------------------------------------------- Delta_d sweep

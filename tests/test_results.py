@@ -292,9 +292,24 @@ def test_calibration_verdicts_fixture(tables):
     assert global_["closure"] == pytest.approx(2 / 3) and global_["closure_ok"] is False
     assert global_["closure_applies"] is False and global_["all_ok"] is True
     missing = res.calibration_verdicts(tables["calibration"], tables["classes"], "class", 0.3)
-    assert missing["ratio_ok"] is None and missing["floor_ok"] is None and missing["all_ok"] is False
+    assert missing["ratio_ok"] is None and missing["floor_ok"] is None
+    # unmeasured aims: not "failed" unless a measured aim failed
+    assert missing["all_ok"] is (False if missing["plateau_ok"] is False else None)
     with pytest.raises(ValueError, match="full"):
         res.calibration_verdicts(tables["calibration"], tables["classes"], "full", 0.35)
+
+
+def test_calibration_sentence_says_each_aim_and_its_verdict(tables):
+    v = res.calibration_verdicts(tables["calibration"], tables["classes"], "class", 0.35)
+    sentence = res.calibration_sentence(v)
+    assert sentence.startswith("class at strength 0.35: source-only at 50.0% of the oracle (aim 40%-65%: met)")
+    assert "twice the source-only iterations changing val mIoU by +1.0 points (aim under 1: NOT met)" in sentence
+    assert "weakest class pole at IoU 0.270" in sentence and sentence.endswith("In all: not every aim met.")
+    global_ = res.calibration_sentence(res.calibration_verdicts(tables["calibration"], tables["classes"], "global", 1.6))
+    assert "AdaBN" not in global_ and global_.endswith("In all: every aim met.")
+    unmeasured = dict(v, plateau_change=None, plateau_ok=None, all_ok=None)
+    assert "by – points (aim under 1: not measured yet)" in res.calibration_sentence(unmeasured)
+    assert res.calibration_sentence(unmeasured).endswith("not every aim measured yet.")
 
 
 def one_cell(so, ad, oracle, so_long, floor):

@@ -327,6 +327,13 @@ Markdown(results.markdown(verdicts, {
     "plateau_ok": "plateau ok", "all_ok": "all aims met"}))
 ''', check=True)
 
+md("The same, in words (generated from the numbers above):")
+
+code(r'''
+for verdict in verdicts:
+    print(results.calibration_sentence(verdict))
+''', check=True)
+
 code(r'''
 figures.plot_calibration(calibration)
 ''', alt="One panel per preset: mean val mIoU of source-only, AdaBN and the target-trained model "
