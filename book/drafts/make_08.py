@@ -374,13 +374,14 @@ Markdown(results.markdown(results.miou_table(rows, "global"), ARM_COLUMNS, digit
 ''', check=True)
 
 md(r"""
-On `class`, every arm at its final stage (long-stage CAG, which has three seeds, left out), each
-seed a dot:
+On `class`, every arm at its final stage (stage 1 for the two factorial cells that run one stage;
+long-stage CAG, which has three seeds, left out), each seed a dot:
 """)
 
 code(r'''
+# the two factorial cells that run stage 1 only (benchmark_v2.yaml) at their stage 1
 FINAL_ARMS = ("source_only", "adabn", "warmup", "warmup_no_adv", "cag_stage3",
-              "self_training_stage3", "self_training_distance_stage3", "cag_no_distance_stage3",
+              "self_training_stage3", "self_training_distance_stage1", "cag_no_distance_stage1",
               "cag_anchor_only_stage3", "cag_pixel_l2_stage3", "no_target_losses_stage3",
               "target_oracle")
 figures.plot_arms(rows, "class", arms=FINAL_ARMS)
