@@ -600,12 +600,13 @@ def oracle_from_source(spec: dict) -> bool:
 
 
 def oracle_run(spec: dict, label: str, seed: int, preset: str, strength: float) -> Run:
-    """The target-trained upper bound of a cell (``<label>/target_oracle``).
+    """The target-trained reference of a cell (``<label>/target_oracle``).
 
     ``oracle.init: scratch`` (the default): the network trained from scratch on the cell's target
     train labels with the source-only schedule. ``oracle.init: source_only``: the seed's
-    source-only model (:func:`source_run`) fine-tuned on them, the best any adaptation that starts
-    from that model could do with the labels. ``oracle.overrides`` change its schedule (keys of
+    source-only model (:func:`source_run`, the checkpoint its pipeline hands on: ``best_val``)
+    fine-tuned on them: what the same network reaches with the target labels, a reference rather
+    than a bound on unsupervised adaptation. ``oracle.overrides`` change its schedule (keys of
     ``source_only``, which :func:`cag.stages.supervised_stage` reads) and nothing else.
     """
     oracle = spec.get("oracle") or {}

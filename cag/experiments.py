@@ -141,7 +141,7 @@ def oracle_fingerprint(cfg: Config) -> str:
 
 
 def train_oracle(cfg: Config) -> Path:
-    """Train the target-trained upper bound into ``<run>/target_oracle`` (skipped when done).
+    """Train the target-trained reference (the oracle) into ``<run>/target_oracle`` (skipped when done).
 
     Same network, schedule and seed as source-only, but on the target train labels, which no
     adaptation arm ever reads. Its fingerprint is :func:`oracle_fingerprint`.

@@ -378,8 +378,9 @@ def delta_d_table(rows: list[dict], stage: int = 1, preset: str | None = None) -
 
 def pseudo_label_overall(label_rows: list[dict], preset: str, arm: str = "cag", rule: str = "anchor") -> list[dict]:
     """pseudo_labels.csv per CAG stage for one preset, arm and rule: dicts ``{stage, precision,
-    recall, coverage}`` pooled over classes and seeds (pixel counts summed, then the rates of
-    :func:`cag.pseudo_labels.quality_rates`; None where a denominator is 0)."""
+    recall, coverage}`` pooled over classes and seeds: pixel counts summed, then the rates that
+    :func:`cag.pseudo_labels.quality_rates` defines, with None (not NaN) where a denominator is 0,
+    as the CSV files write an empty cell."""
     rows = [r for r in label_rows if (r["preset"], r["arm"], r["rule"]) == (preset, arm, rule)]
 
     def rate(numerator: int, denominator: int) -> float | None:

@@ -303,7 +303,7 @@ def _write_summary(stage_dir: Path, cfg: Config, state, device: torch.device, st
 
 
 def supervised_stage(cfg: Config, stage_dir: Path, fingerprint: str, *, domain: str = "source", init=None) -> dict:
-    """Source-only training (docs/method.md §8), or the target-trained upper bound.
+    """Source-only training (docs/method.md §8), or the target-trained reference (the oracle).
 
     Pixel cross-entropy on augmented labelled crops. ``domain="target"`` trains on the target
     train split's labels instead: the oracle no adaptation method may use. The CE is a mean

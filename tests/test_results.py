@@ -293,8 +293,11 @@ def test_calibration_verdicts_fixture(tables):
     assert global_["closure_applies"] is False and global_["all_ok"] is True
     missing = res.calibration_verdicts(tables["calibration"], tables["classes"], "class", 0.3)
     assert missing["ratio_ok"] is None and missing["floor_ok"] is None
-    # unmeasured aims: not "failed" unless a measured aim failed
-    assert missing["all_ok"] is (False if missing["plateau_ok"] is False else None)
+    # only the plateau measured here (and met): the others unmeasured, so not "failed" but unknown
+    assert missing["plateau_ok"] is True and missing["all_ok"] is None
+    # one aim failed (the plateau at class 0.35) and one unmeasured (no per-class rows): failed
+    failed = res.calibration_verdicts(tables["calibration"], [], "class", 0.35)
+    assert failed["floor_ok"] is None and failed["plateau_ok"] is False and failed["all_ok"] is False
     with pytest.raises(ValueError, match="full"):
         res.calibration_verdicts(tables["calibration"], tables["classes"], "full", 0.35)
 

@@ -181,11 +181,12 @@ from it:
 - **No-target-loss control**: the CAG stages with no target loss (no anchor pseudo-label passes
   a margin of $10^6$, and $\lambda = 0$), which measures what continued source training with
   target batches gives by itself.
-- **Target-trained (oracle)**: the seed's source-only model fine-tuned on the preset's target
-  *train* labels (2000 iterations at lr 0.01, `oracle:` in the experiment files): the best an
-  adaptation that starts from that model could do with the labels. At this scale there is no
-  pretrained backbone for an oracle to start from, and one trained from scratch would need the
-  whole source-only schedule again per preset.
+- **Target-trained (oracle)**: the seed's source-only model (its `best_val` checkpoint, the one
+  the warm-up also starts from) fine-tuned on the preset's target *train* labels (2000
+  iterations at lr 0.01, `oracle:` in the experiment files): a reference for what the same
+  network reaches with the target labels, not a bound on what an unsupervised method could
+  reach. At this scale there is no pretrained backbone for an oracle to start from, and one
+  trained from scratch would need the whole source-only schedule again per preset.
 - On `class`, seeds 1-3 only: a $\Delta_d$ sweep and **long-stage CAG** (stages four times as long).
 
 `class` runs every arm with five seeds; `global` and `full` run source-only, AdaBN, the warm-up,
@@ -559,8 +560,9 @@ for arm_a, arm_b in (("cag_stage1", "no_target_losses_stage1"),
 md(r"""
 ### How far from the target-trained model?
 
-The oracle is the seed's source-only model fine-tuned on the target train labels; its distance
-to CAG after stage 3 is the room left for an adaptation method that starts from the same model.
+The oracle is the seed's source-only model fine-tuned on the target train labels. The paired
+difference below measures how far CAG after stage 3 ends from that reference, on the same
+seeds.
 """)
 
 code(r'''
