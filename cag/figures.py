@@ -506,7 +506,7 @@ def plot_per_class_iou(rows, preset: str, arms, checkpoint: str = "last"):
     ax.set_ylim(0.0, 100.0)
     ax.set_xlabel("class")
     ax.set_ylabel("IoU on the held-out target split (%)")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not on them
     ax.set_title(f"Preset {preset}: per-class IoU, mean over seeds ({checkpoint} checkpoint)")
     return fig
 

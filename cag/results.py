@@ -428,6 +428,34 @@ def find_comparison(comparison_rows: list[dict], preset: str, arm_a: str, arm_b:
                    f"the file has on {preset!r}: {', '.join(present) or 'none'}")
 
 
+def undeclared_comparisons(rows: list[dict], declared: list[dict], preset: str, pairs,
+                           checkpoint: str = "last") -> list[dict]:
+    """Paired comparisons chosen after the declared list (post hoc), computed from summary.csv rows.
+
+    For each ``(arm_a, arm_b)`` of ``pairs`` that ``declared`` (comparisons.csv rows) does not
+    hold, :func:`cag.comparisons.compare` on the seeds both arms have; a pair with fewer than two
+    such seeds (or an arm without rows) is left out. Rows in :data:`cag.comparisons.COMPARISON_KEYS`
+    format, in the order of ``pairs``, never written to comparisons.csv: the chapter labels them
+    exploratory and keeps them out of the declared count.
+    """
+    from .comparisons import compare
+
+    chosen = select(rows, preset, checkpoint)
+    out = []
+    for arm_a, arm_b in pairs:
+        try:
+            find_comparison(declared, preset, arm_a, arm_b, checkpoint)
+            continue
+        except LookupError:
+            pass
+        seeds = sorted({r["seed"] for r in chosen if r["arm"] == arm_a and r["miou"] is not None}
+                       & {r["seed"] for r in chosen if r["arm"] == arm_b and r["miou"] is not None})
+        if len(seeds) >= 2:
+            out.append(compare([{**r, "checkpoint": checkpoint} for r in chosen], preset, arm_a, arm_b,
+                               checkpoint, seeds=seeds))
+    return out
+
+
 #: What :func:`say` prints for a comparison that the results files do not hold: on a complete
 #: table only a comparison that was never declared (a test fails on it in the committed chapter 8).
 NO_RESULT = "no result in these files"

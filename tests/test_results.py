@@ -422,3 +422,23 @@ def test_pseudo_label_overall_pools_pixels_over_classes_and_seeds():
     (stage1,) = res.pseudo_label_overall(rows, "class")
     assert stage1 == {"stage": 1, "precision": pytest.approx(4 / 5), "recall": pytest.approx(4 / 20),
                       "coverage": pytest.approx(6 / 20)}
+
+
+def test_undeclared_comparisons_skip_the_declared_and_pair_by_seed(tables):
+    pairs = [("cag_stage1", "self_training_stage1"),   # declared: left out
+             ("cag_stage1", "warmup"),                 # 0.52/0.54/0.56 - 0.50: d = 0.02/0.04/0.06
+             ("self_training_stage1", "warmup"),       # d = 0.00/0.01/0.02
+             ("cag_stage9", "warmup")]                 # no rows: left out
+    rows = res.undeclared_comparisons(tables["summary"], tables["comparisons"], "class", pairs)
+    assert [(r["arm_a"], r["arm_b"], r["seeds"]) for r in rows] == \
+        [("cag_stage1", "warmup", "1 2 3"), ("self_training_stage1", "warmup", "1 2 3")]
+    # mean 0.04, sd 0.02: half-width t_{0.975,2} * 0.02 / sqrt(3)
+    half = T975_2 * 0.02 / math.sqrt(3)
+    assert rows[0]["mean_diff"] == pytest.approx(0.04)
+    assert (rows[0]["ci_low"], rows[0]["ci_high"]) == (pytest.approx(0.04 - half), pytest.approx(0.04 + half))
+    assert rows[1]["mean_diff"] == pytest.approx(0.01)
+    # best_val: self-training stage 1 has best_val rows 0.56/0.57 at seeds 1-2 and last (0.52) at
+    # seed 3 stands in; warm-up has no best_val row (its last stands in): d = 0.06/0.07/0.02
+    best = res.undeclared_comparisons(tables["summary"], tables["comparisons"], "class",
+                                      [("self_training_stage1", "warmup")], "best_val")
+    assert best[0]["checkpoint"] == "best_val" and best[0]["mean_diff"] == pytest.approx(0.05)
