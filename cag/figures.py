@@ -465,10 +465,11 @@ def plot_arms(rows, preset: str, arms=None, checkpoint: str = "last"):
     return fig
 
 
-def plot_comparisons(comparison_rows, preset: str | None = None):
+def plot_comparisons(comparison_rows, preset: str | None = None, title: str | None = None):
     """Forest plot of paired comparisons (comparisons.csv rows, all or one ``preset``'s): per row
     the mean per-seed difference arm A - arm B in mIoU points with its 95 % Student-t interval;
-    green where the interval is above 0, red where below, grey where it contains 0."""
+    green where the interval is above 0, red where below, grey where it contains 0. ``title``
+    replaces the default one (e.g. to say the comparisons were not declared)."""
     from .results import arm_name
 
     shown = [r for r in comparison_rows if preset is None or r["preset"] == preset]
@@ -476,7 +477,7 @@ def plot_comparisons(comparison_rows, preset: str | None = None):
     ax = fig.subplots()
     ax.set_xlabel("arm A - arm B in mIoU points (mean, 95 % CI)")
     ax.set_ylabel("comparison (arm A - arm B)")
-    ax.set_title("Paired comparisons" + (f" on preset {preset}" if preset else "") + " (differences within each seed)")
+    ax.set_title(title or "Paired comparisons" + (f" on preset {preset}" if preset else "") + " (differences within each seed)")
     if not shown:
         return _no_data(ax, "no comparison" + (f" on preset {preset}" if preset else ""))
     for y, row in enumerate(shown):

@@ -428,26 +428,24 @@ def find_comparison(comparison_rows: list[dict], preset: str, arm_a: str, arm_b:
                    f"the file has on {preset!r}: {', '.join(present) or 'none'}")
 
 
-def undeclared_comparisons(rows: list[dict], declared: list[dict], preset: str, pairs,
-                           checkpoint: str = "last") -> list[dict]:
+def undeclared_comparisons(rows: list[dict], declared, preset: str, pairs, checkpoint: str = "last") -> list[dict]:
     """Paired comparisons chosen after the declared list (post hoc), computed from summary.csv rows.
 
-    For each ``(arm_a, arm_b)`` of ``pairs`` that ``declared`` (comparisons.csv rows) does not
-    hold, :func:`cag.comparisons.compare` on the seeds both arms have; a pair with fewer than two
-    such seeds (or an arm without rows) is left out. Rows in :data:`cag.comparisons.COMPARISON_KEYS`
+    ``declared`` is the experiment file's ``comparisons`` list (entries ``[preset, arm_a, arm_b,
+    checkpoint, ...]``). For each ``(arm_a, arm_b)`` of ``pairs`` that it does not declare,
+    :func:`cag.comparisons.compare` on the seeds both arms have; a pair with fewer than two such
+    seeds (or an arm without rows) is left out. Rows in :data:`cag.comparisons.COMPARISON_KEYS`
     format, in the order of ``pairs``, never written to comparisons.csv: the chapter labels them
     exploratory and keeps them out of the declared count.
     """
     from .comparisons import compare
 
+    listed = {tuple(entry[:4]) for entry in declared or []}
     chosen = select(rows, preset, checkpoint)
     out = []
     for arm_a, arm_b in pairs:
-        try:
-            find_comparison(declared, preset, arm_a, arm_b, checkpoint)
+        if (preset, arm_a, arm_b, checkpoint) in listed:
             continue
-        except LookupError:
-            pass
         seeds = sorted({r["seed"] for r in chosen if r["arm"] == arm_a and r["miou"] is not None}
                        & {r["seed"] for r in chosen if r["arm"] == arm_b and r["miou"] is not None})
         if len(seeds) >= 2:

@@ -69,10 +69,13 @@ def test_plot_comparisons(tables, check):
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels[0] == "CAG stage 1 - self-training stage 1"
     assert labels[3] == "CAG stage 1 - self-training stage 1 (best_val)"
+    assert ax.get_title() == "Paired comparisons on preset class (differences within each seed)"
     fig = figures.plot_comparisons(tables["comparisons"])
     (ax,) = check(fig, 1)
     assert len(containers(ax, ErrorbarContainer)) == 6
     assert [t.get_text() for t in ax.get_yticklabels()][-1] == "CAG stage 1 - self-training stage 1 [global]"
+    (ax,) = check(figures.plot_comparisons(tables["comparisons"], "class", title="Exploratory"), 1)
+    assert ax.get_title() == "Exploratory"
     (ax,) = check(figures.plot_comparisons(tables["comparisons"], "full"), 1)   # partial results: none yet
     assert not containers(ax, ErrorbarContainer)
     assert [t.get_text() for t in ax.texts] == ["no comparison on preset full in these results files yet"]

@@ -425,11 +425,17 @@ def test_pseudo_label_overall_pools_pixels_over_classes_and_seeds():
 
 
 def test_undeclared_comparisons_skip_the_declared_and_pair_by_seed(tables):
+    # the experiment file's list: declared whether or not comparisons.csv has its row yet
+    declared = [["class", "cag_stage1", "self_training_stage1", "last"],
+                ["class", "adabn", "warmup", "last", [1, 2, 3]],
+                ["global", "self_training_stage1", "warmup", "last"],      # another preset
+                ["class", "self_training_stage1", "warmup", "best_val"]]   # another checkpoint
     pairs = [("cag_stage1", "self_training_stage1"),   # declared: left out
+             ("adabn", "warmup"),                      # declared (no comparisons.csv row): left out
              ("cag_stage1", "warmup"),                 # 0.52/0.54/0.56 - 0.50: d = 0.02/0.04/0.06
              ("self_training_stage1", "warmup"),       # d = 0.00/0.01/0.02
              ("cag_stage9", "warmup")]                 # no rows: left out
-    rows = res.undeclared_comparisons(tables["summary"], tables["comparisons"], "class", pairs)
+    rows = res.undeclared_comparisons(tables["summary"], declared, "class", pairs)
     assert [(r["arm_a"], r["arm_b"], r["seeds"]) for r in rows] == \
         [("cag_stage1", "warmup", "1 2 3"), ("self_training_stage1", "warmup", "1 2 3")]
     # mean 0.04, sd 0.02: half-width t_{0.975,2} * 0.02 / sqrt(3)
@@ -439,6 +445,8 @@ def test_undeclared_comparisons_skip_the_declared_and_pair_by_seed(tables):
     assert rows[1]["mean_diff"] == pytest.approx(0.01)
     # best_val: self-training stage 1 has best_val rows 0.56/0.57 at seeds 1-2 and last (0.52) at
     # seed 3 stands in; warm-up has no best_val row (its last stands in): d = 0.06/0.07/0.02
-    best = res.undeclared_comparisons(tables["summary"], tables["comparisons"], "class",
+    best = res.undeclared_comparisons(tables["summary"], declared[:3], "class",
                                       [("self_training_stage1", "warmup")], "best_val")
     assert best[0]["checkpoint"] == "best_val" and best[0]["mean_diff"] == pytest.approx(0.05)
+    assert res.undeclared_comparisons(tables["summary"], declared, "class",
+                                      [("self_training_stage1", "warmup")], "best_val") == []

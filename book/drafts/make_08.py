@@ -68,25 +68,29 @@ def code(text: str, *, check: bool = False, alt: str | None = None, caption: str
 md(r"""
 # 8 · Results
 
-Does category-anchor guidance help on a shift of the kind it was built for, and, if it does, does
-either of its two ingredients account for the difference? The paper answers with one run per method on GTA5 and SYNTHIA →
-Cityscapes. This chapter answers on the built-in benchmark, where every number can be
-regenerated, with one rule: **every sentence that says one arm is better than another is printed
-by a cell from a 95 % interval over seeds**, for comparisons declared in the experiment file
-before anything ran. The text around the cells says what each comparison asks and how to read
-it; the answers are in the cells' outputs.
+Does category-anchor guidance help on a shift of the kind it was built for, and, if it does,
+does either of its two ingredients account for the difference? The paper reports one number per
+method, with no spread over runs, on GTA5 and SYNTHIA → Cityscapes. This chapter answers on the
+built-in benchmark, where every number can be regenerated, with one rule: **every sentence that
+says one arm is better than another is printed by a cell from a 95 % interval over seeds**, for
+comparisons declared in the experiment file before anything ran. (The exploratory section,
+labelled as such, prints the same kind of sentence for comparisons chosen after seeing part of
+the results; those confirm nothing.) The text around the cells says what each comparison asks
+and how to read it; the answers are in the cells' outputs. An *arm* is one training recipe;
+each is trained once per seed (the seed fixes the initial weights and the data order).
 
 **Why the benchmark changed.** An earlier version of this chapter ran on version 1 of the
 built-in benchmark. `docs/data.md` §7 ("Version 2") records the two reasons it was replaced:
 on version 1's shift, re-estimating a source-only model's BatchNorm statistics on target images
-(AdaBN, no training and no label) undid most of the shift, and four of its twelve classes stayed
-at 0 IoU even for a model trained on the target labels; its files and chapter are in git history
-(`results/README.md`, "Version 1 (removed)"). This chapter prints no number of version 1.
+(AdaBN, no training and no label) undid most of the shift. And four of its twelve classes stayed
+at 0 IoU even for a model trained on the target labels. Its files and chapter are in git history
+(`results/README.md`, "Version 1 (removed)"); this chapter prints no number of version 1.
 Version 2 renders 17 classes at 96×192 with the small ones at visible sizes, and builds the
 shift from five components, of which only one (`global`) is a colour change of the whole image,
 the kind of shift normalisation statistics are designed to absorb; how much of each preset
-AdaBN absorbs is measured below. The strength of each preset was fixed on target *val* before any
-adaptation arm ran (the calibration, below).
+AdaBN absorbs is measured below. The strengths of `class` and `full` were fixed on target *val*
+against the calibration's aims before any adaptation arm ran (the calibration, below); `global`
+has no aim.
 
 Two commands write every file this chapter reads (`results/README.md`, "benchmark/"):
 `python -m cag experiments configs/experiments/calibration_v2.yaml` and
@@ -103,6 +107,7 @@ commands (for example with other seeds):
 code(r'''
 # Parameters (papermill: -p NAME VALUE).
 results_dir = "results/benchmark"  # written by the calibration_v2 and benchmark_v2 experiment files
+experiment = "configs/experiments/benchmark_v2.yaml"  # the file that declared the comparisons
 ''', tags=["parameters"])
 
 code(r'''
@@ -162,17 +167,20 @@ md(r"""
 **Arms** (`configs/experiments/benchmark_v2.yaml`). Per seed, one source-only model is trained
 on the source images (which do not depend on the preset). Two of its checkpoints are used: the
 **last** one (iteration 16000), which the source-only and AdaBN rows report, and the one with
-the best in-domain val mIoU (`best_val`, scored on the strength-0 val split, which reads no
-label of a shifted target), which the warm-up and the oracle start from; the table below prints
-both.
+the best in-domain val mIoU (`best_val`: scored on val images generated with no shift, strength
+0, i.e. the source's own domain; no label of a shifted target is read), which the warm-up and
+the oracle start from; a cell below the `class` table prints both.
 
 - **source-only**: that model, scored on each preset's target test split.
 - **AdaBN**: the same model (last checkpoint) with its BatchNorm statistics re-estimated on the
   preset's target *train* images; no training, no label (`cag.adabn`).
-- **warm-up**: the warm-up stage, a reconstruction ([chapter 3](03_source_only_warmup.ipynb)):
-  source cross-entropy plus an output-space adversarial term (AdaptSegNet's), with BatchNorm in
-  train mode on source and target batches, started from the source-only model; its schedule is
-  printed below. **Warm-up without the adversarial term**: the same stage with
+- **warm-up**: the warm-up stage, our rebuild (the release ships no warm-up code;
+  [chapter 3](03_source_only_warmup.ipynb)), started from the source-only model: source
+  cross-entropy plus an output-space adversarial term (AdaptSegNet's: a discriminator learns to
+  tell source from target segmentation maps, and the network is pushed to make its target maps
+  look like source ones), with BatchNorm in train mode (its running mean and variance are
+  updated by every batch it sees, source and target); its schedule is printed below.
+  **Warm-up without the adversarial term**: the same stage with
   `warmup.lambda_adv=0`; it still passes the target batches through the network in train mode,
   so only the adversarial gradient is missing. In both, the BatchNorm running statistics end as
   a mixture of source and target batch statistics; AdaBN's are the target's alone.
@@ -182,34 +190,36 @@ both.
   from the warm-up model) and this benchmark's schedule (printed below: a new SGD optimiser each
   stage, restarted at the warm-up's learning rate; the release runs 62,412 iterations per stage
   at lr $10^{-4}$ with a 90,000-iteration poly horizon, `docs/paper-vs-code.md` rows 10 and 32).
-- Four arms take the 2×2 factorial of the method's two additions to self-training:
-  pseudo-labels (anchor and probability averaged, as released, or probability only) × the
+- Four arms take a 2×2 factorial design, all four on/off combinations of the method's two
+  additions to self-training: pseudo-labels (anchor and probability averaged, as released, or
+  probability only) × the
   distance loss (on, or `cag.lam=0`). CAG is (both, on); **self-training** is (probability,
   off); the other two are *self-training with the distance loss* and *CAG without the distance
   loss*, and these two run stage 1 only (`cag.stages=1`): the factorial compares stage 1.
 - The paper's two readings, each swapped in alone for all three stages
   (`docs/paper-vs-code.md` rows 2 and 3): anchor pseudo-labels only (`cag.pseudo_labels=anchor`)
   and the per-pixel L2 distance loss (`cag.distance_loss=pixel_l2`), the latter at the release's
-  $\lambda = 0.7$, which was not re-set for the per-pixel loss's larger scale: that arm asks about
-  the paper's loss *at that weight*.
+  $\lambda = 0.7$: a weight set for the release's loss and not re-set for the per-pixel loss,
+  whose values and gradients are on another scale ([chapter 6](06_losses.ipynb)). That arm asks
+  about the paper's loss *at that weight*.
 - **No-target-loss control**: the CAG stages with no target loss (no anchor pseudo-label passes
   a margin of $10^6$, and $\lambda = 0$): what the CAG stage schedule does without any target
-  loss. What remains is source cross-entropy, with target batches passing through BatchNorm in
+  loss. What remains is source cross-entropy with target batches passing through BatchNorm in
   train mode, the learning rate restarted each stage, and no adversarial term.
 - **Target-trained (oracle)**: the seed's source-only model (its `best_val` checkpoint, the one
   the warm-up also starts from) fine-tuned on the preset's target *train* labels only (2000
   iterations at lr 0.01, no source data, `oracle:` in the experiment files): a supervised
   reference for what the same network reaches with the target labels, not a bound on what an
-  unsupervised method could reach. It differs from the usual oracle of the literature (trained
-  on the target from an ImageNet backbone): at this scale there is no pretrained backbone to
-  start from, and one trained from scratch would need the whole source-only schedule again per
-  preset.
+  unsupervised method could reach. It differs from the usual oracle of the literature, which is
+  trained on the target from an ImageNet backbone. At this scale there is no pretrained
+  backbone to start from, and one trained from scratch would need the whole source-only
+  schedule again per preset.
 - On `class`, seeds 1-3 only: a $\Delta_d$ sweep and **long-stage CAG** (stages four times as long).
 
 `class` runs every arm with five seeds; `global` and `full` run source-only, AdaBN, the warm-up,
 CAG, self-training and the oracle with three seeds.
 
-**Splits.** The calibration reads target *val* only. The table is scored on the held-out target
+**Splits.** The calibration scores on target *val* only. The table is scored on the held-out target
 *test* split, which no run reads for training, anchors, pseudo-labels or model selection. Inside
 an arm, each stage starts from the previous stage's checkpoint with the best target-val mIoU, as
 in the release (`train.select: best_val`). Here validation runs only at the end of the warm-up
@@ -217,8 +227,14 @@ and of each stage (`train.val_interval` is not shorter than them), so that check
 the last one: no target label selects anything inside an adapted arm. The score of an arm is that
 of its final stage's **last** checkpoint.
 
-**Schedule.** The network is the project's tiny DeepLab-v3+ (`configs/synthetic_benchmark.yaml`);
-its schedule:
+**Schedule.** The network is the project's tiny DeepLab-v3+ (`configs/synthetic_benchmark.yaml`).
+Every stage seeds its data streams with the run's seed, so each stage of an arm sees the same
+order of crops: the stages of an arm differ in their starting model and pseudo-labeller, not in
+their data. The release does the same as far as its code shows: `train.py` seeds torch, CUDA,
+NumPy and Python's `random` with one seed (1337 by default; its configuration sets none) at the
+start of `train()` (lines 44-47 at commit `91a14a9`), and one launch trains one stage; that its
+crop order then repeats was not checked by running it. The learning rate decays as
+$\mathrm{lr}\,(1 - i/\mathrm{horizon})^{0.9}$ over iteration $i$. The schedule:
 """)
 
 code(r'''
@@ -367,7 +383,8 @@ figures.plot_calibration(calibration)
 ''', alt="One panel per preset: mean val mIoU of source-only, AdaBN and the target-trained model "
         "against the shift strength, source-only trained twice as long drawn hollow where the "
         "plateau check has run, and a shaded band where source-only should lie relative to the "
-        "oracle.",
+        "oracle; the oracle and the band only at the strengths where the oracle was trained "
+        "(none on global).",
      caption="Calibration on target val: source-only, AdaBN and the oracle against the strength.",
      name="fig-results-calibration")
 
@@ -377,8 +394,9 @@ md(r"""
 Mean and sample standard deviation over seeds of the test mIoU (%), last checkpoint. The last
 checkpoint is the headline because choosing a checkpoint by its target-val mIoU uses target
 labels, which an unsupervised method does not have. `summary.csv` holds a `best_val` row only
-where it differs from `last`: in practice only source-only and AdaBN, since every adapted stage
-validates once, at its end. A difference of two means in these tables is not a comparison: the
+where it differs from `last`. The warm-ups and the CAG stages validate once, at their end, so
+theirs never differs; source-only, AdaBN and the oracle validate several times. A difference of
+two means in these tables is not a comparison: the
 paired intervals of the next section are.
 
 **`class`**, the shift the method is built for:
@@ -430,7 +448,8 @@ figures.plot_arms(rows, "class", arms=FINAL_ARMS)
 ''', alt="Bar chart of test mIoU on the class preset, one bar per arm at its final stage at the "
         "mean over seeds with one dot per seed, from source-only through the adapted arms to the "
         "target-trained model.",
-     caption="Preset class: test mIoU of every arm at its final stage, mean and each seed.",
+     caption="Preset class: test mIoU of every arm but long-stage CAG at its final stage, mean and "
+             "each seed.",
      name="fig-results-arms")
 
 md(r"""
@@ -443,9 +462,9 @@ cell prints the answer generated from the interval.
 ### Do target BatchNorm statistics alone help?
 
 AdaBN changes nothing but the BatchNorm statistics (applied to the source-only model's last
-checkpoint). Its comparison with source-only measures how much of the shift normalisation
-statistics absorb on this preset. The calibration aimed to keep
-that share small on val (above); this measures it on test.
+checkpoint). Its comparison with source-only gives the change in mIoU points on test. The
+calibration limited AdaBN's *share* of the source-only → oracle gap on val (above); the share
+on test can be read from the table above, but it is not a declared comparison.
 """)
 
 code(r'''
@@ -498,9 +517,9 @@ md(r"""
 
 Self-training is CAG without either of its two category-anchor components: the same stages with
 probability pseudo-labels only and no distance loss. This comparison asks whether the anchors
-change the result of self-training. Read it with each arm against the warm-up (above, and the
-exploratory section below): between two arms that both end below the model they started from,
-"better" means "lost less". After each stage:
+change the result of self-training. Read it next to each arm's difference from the warm-up
+(CAG's is declared above; self-training's is exploratory, below): if both arms end below the
+warm-up, "better" means "lost less"; if both end above, "gained more". After each stage:
 """)
 
 code(r'''
@@ -509,8 +528,9 @@ for k in (1, 2, 3):
 ''', check=True)
 
 md(r"""
-The arms that run three stages, per stage (stage 0 is the warm-up model they all start from),
-mean with the half-width of its own 95 % interval over seeds. These per-arm intervals carry the
+The five three-stage arms that run on every seed (long-stage CAG, seeds 1-3 only, has its own
+section), per stage (stage 0 is the warm-up model they all start from): mean with the
+half-width of its own 95 % interval over seeds. These per-arm intervals carry the
 seed effect that the paired intervals remove: whether two of them overlap is not the
 comparison (the paired differences from the warm-up are in the exploratory section).
 """)
@@ -528,15 +548,16 @@ figures.plot_stage_curves(rows, "class", STAGE_ARMS)
 ''', alt="Line plot of test mIoU against the CAG stage (warm-up, 1, 2, 3) on the class preset "
         "for CAG, self-training, anchor-only CAG, the no-target-loss control and pixel-L2 CAG, "
         "means over seeds with 95 percent interval bars.",
-     caption="Preset class: the three-stage arms after each stage, from the same warm-up model.",
+     caption="Preset class: the three-stage arms after each stage, from the same warm-up model "
+             "(intervals per arm, not the paired comparisons).",
      name="fig-results-stages")
 
 md(r"""
-### Do stages 2 and 3 add?
+### Stage 3 against stage 1
 
 The release runs three stages, each with a pseudo-labeller refreshed from the previous stage's
 model; the anchors stay those of the warm-up model (as released, `anchors.recompute_per_stage:
-false`). Is stage 3 better than stage 1, for CAG and for self-training?
+false`). Does stage 3 end above or below stage 1, for CAG and for self-training?
 """)
 
 code(r'''
@@ -582,7 +603,9 @@ for arm_a, arm_b in (("cag_stage1", "cag_no_distance_stage1"),
 md(r"""
 ### The paper's readings against the release's
 
-The paper describes anchor pseudo-labels alone and a pixel-level L2 distance loss; the release
+The paper, as its abstract and poster describe it (not checked against its full text,
+`docs/method.md` §0 and §5.2), uses anchor pseudo-labels alone and a pixel-level L2 distance
+loss; the release
 averages the anchor and probability cross-entropies and uses a SmoothL1 loss on per-image class
 means (`docs/paper-vs-code.md` rows 2 and 3, [chapter 6](06_losses.ipynb)). Each reading
 replaces the release's, alone, for all three stages:
@@ -612,11 +635,11 @@ for arm_a, arm_b in (("cag_stage1", "no_target_losses_stage1"),
 ''', check=True)
 
 md(r"""
-### How far from the target-trained model?
+### CAG against the target-trained model
 
 The oracle is the seed's source-only model fine-tuned on the target train labels. The paired
-difference below is the gap from CAG after stage 3 to that supervised reference, on the same
-seeds; it is not the room left for an unsupervised method (the oracle is not a bound).
+difference below is the difference between that supervised reference and CAG after stage 3, on
+the same seeds; it is not the room left for an unsupervised method (the oracle is not a bound).
 """)
 
 code(r'''
@@ -627,9 +650,10 @@ md(r"""
 ### The counter-example, `global`, and everything at once, `full`
 
 On `global` a single colour map of the whole image separates the domains: the shift that
-BatchNorm statistics and a global alignment are designed for. The questions are whether they
-close it, and whether the CAG stages then change the warm-up's result. `full` asks the same questions with every shift component
-present. The comparisons declared on each preset, three seeds each:
+BatchNorm statistics and a global alignment are designed for. The questions are whether AdaBN
+and the warm-up change source-only's result, whether the warm-up differs from AdaBN, and
+whether the CAG stages then change the warm-up's result. `full` asks the same questions with
+every shift component present. The comparisons declared on each preset, three seeds each:
 """)
 
 code(r'''
@@ -666,32 +690,36 @@ Read the count as a scale, not as a test: many comparisons share an arm and all 
 seeds, so their intervals are not independent, and each comparison's 95 % is its own, not that
 of the family.
 
-## Exploratory: every three-stage arm against the warm-up
+## Exploratory: the three-stage arms against the warm-up, and the warm-up without its adversarial term against AdaBN
 
-**Not declared.** The comparisons of this section were chosen after the partial table
-(`class`, seeds 1-3) showed the arms after the warm-up at or below it; they are not in
-`comparisons.csv`, not in the count above, and they test nothing: they describe, with the same
-paired intervals, how far each arm moves from the model it starts from. The declared
-comparisons with the warm-up (CAG stages 1 and 3, the control's stage 3) are not repeated here.
-`results.undeclared_comparisons` computes them from `summary.csv`:
+**Not declared.** The comparisons of this section were chosen after the means of the partial
+table (`class`, seeds 1-3) had been seen. They were picked because of what those means showed,
+so they cannot confirm it: they are not in `comparisons.csv`, not in the count above, and they
+test nothing; they describe, with the same paired intervals, how far each arm moves from the
+model it starts from. The pairs the experiment file declares (CAG stages 1 and 3 and the
+control's stage 3 against the warm-up) are left out: their answers are above.
+`results.undeclared_comparisons` computes the others from `summary.csv`:
 """)
 
 code(r'''
+from cag.experiments import load_spec
+
+declared = load_spec(experiment)["comparisons"]  # the list fixed before the run
 EXPLORATORY = [(f"{arm}_stage{k}", "warmup") for arm in STAGE_ARMS for k in (1, 2, 3)]
 EXPLORATORY += [("warmup_no_adv", "adabn")]  # the warm-up without its adversarial term vs AdaBN
-exploratory = results.undeclared_comparisons(rows, compared, "class", EXPLORATORY)
+exploratory = results.undeclared_comparisons(rows, declared, "class", EXPLORATORY)
 print(f"{len(exploratory)} exploratory comparisons on class (not declared):")
 for row in exploratory:
-    print("  " + comparisons.verdict(row, results.arm_name(row["arm_a"]),
-                                     results.arm_name(row["arm_b"])))
+    print("  [exploratory] " + results.say(exploratory, "class", row["arm_a"], row["arm_b"]))
 ''', check=True)
 
 code(r'''
-figures.plot_comparisons(exploratory, "class")
+figures.plot_comparisons(exploratory, "class",
+                         title="Exploratory (not declared): paired differences on preset class")
 ''', alt="Forest plot with one row per exploratory comparison on the class preset: each "
-        "three-stage arm at each stage minus the warm-up, and the warm-up without its "
-        "adversarial term minus AdaBN, mean paired difference in mIoU points with its 95 percent "
-        "interval.",
+        "three-stage arm at each stage minus the warm-up (except the three pairs the experiment "
+        "file declares), and the warm-up without its adversarial term minus AdaBN, mean paired "
+        "difference in mIoU points with its 95 percent interval.",
      caption="Exploratory (not declared): each arm's paired difference from the warm-up model, "
              "per stage.", name="fig-results-exploratory")
 
@@ -852,18 +880,22 @@ the same warm-up, the comparisons this chapter asks first.
   features.
 - **A short schedule.** A CAG stage here is a few passes over the target train images (printed
   at the top), against the release's 84 passes over Cityscapes train per stage
-  (`configs/adaptation_from_gta_to_city.yml:64` and `train.py:92` at commit `91a14a9`; ledger
-  row 10). The stage-length comparison asks whether a longer stage changes the answer on this
+  (`configs/adaptation_from_gta_to_city.yml:64` and `train.py:92` at commit `91a14a9`;
+  `docs/paper-vs-code.md` row 10). The stage-length comparison asks whether a longer stage changes the answer on this
   benchmark; it cannot extrapolate to the release's length.
-- **Source-only short of its plateau.** The calibration's plateau aim is printed above; where it
-  fails or is unmeasured, the source-only model the other arms start from is not converged, and
+- **Source-only may be short of its plateau.** The calibration's plateau aim is printed above;
+  where it fails or is unmeasured, the source-only model the other arms start from may not be
+  converged, and
   part of any arm's difference from source-only can be further source training
   (`warmup_no_adv` controls for that within the warm-up only).
-- **Settings not tuned for this scale.** $\Delta_d$, $\lambda$, the probability threshold and
-  $\lambda_{adv}$ are the release's values, applied to the 64-dimensional features of a tiny
-  network; the stage learning rate equals the warm-up's (printed above), where the release's
-  stages run at $10^{-4}$ for every parameter (ledger row 32); pixel-L2 keeps a $\lambda$ set for another loss. Every comparison holds
-  "at these settings"; no arm was tuned, on target val or elsewhere.
+- **Settings not tuned for this scale.** $\Delta_d$, $\lambda$ and the probability threshold are
+  the release's values, and $\lambda_{adv} = 0.01$ is ProDA's warm-up value (the release ships
+  no warm-up; `docs/method.md` §6), all applied to the 64-dimensional features of a tiny
+  network. The stage learning rate equals the warm-up's (printed above), where the release's
+  stages run at $10^{-4}$ for every parameter (`docs/paper-vs-code.md` row 32); pixel-L2 keeps a
+  $\lambda$ set for another loss. Every comparison holds "at these settings". No adaptation
+  setting was tuned; the source-only schedule (lr 0.04, 16000 iterations) was chosen by probes
+  scored on target val, before any adaptation arm ran (`results/README.md`).
 - **The warm-up is a reconstruction** (the release does not ship one; BatchNorm in train mode,
   BCE discriminator, $\lambda_{adv} = 0.01$). Every adapted arm starts from it, so every
   conclusion about the stages is conditional on it.
@@ -875,9 +907,9 @@ the same warm-up, the comparisons this chapter asks first.
   the same number of iterations, so "a stage against the warm-up" mixes the target losses with
   more iterations at a restarted learning rate and the end of the adversarial term; the
   no-target-loss control separates only the first of these.
-- **Look-alike classes.** A class that stays near 0 IoU for every arm without target labels
-  (the per-class table shows which) adds about the same to each such arm's mIoU: differences
-  between those arms come from the other classes.
+- **Classes no unsupervised arm learns.** A class that stays near 0 IoU for every arm without
+  target labels (the per-class table shows which) adds about the same to each such arm's mIoU:
+  differences between those arms come from the other classes.
 - **The factorial is stage 1 only.** It says nothing about the two ingredients at stages 2-3.
 - **Few seeds, many comparisons.** Each interval covers its own comparison at 95 %; across all
   of them some intervals exclude zero by chance alone (the count above), and "no detectable
