@@ -501,7 +501,7 @@ def plot_per_class_iou(rows, preset: str, arms, checkpoint: str = "last"):
     table = per_class_table(rows, preset, arms, checkpoint)
     classes = [t["class"] for t in table]
     series = {arm_name(arm): {t["class"]: None if t[arm] is None else 100 * t[arm] for t in table} for arm in arms}
-    fig = _figure(max(7.0, 0.5 * len(classes) * max(len(arms), 1) ** 0.5 + 2), 4.0)
+    fig = _figure(min(14.0, max(7.0, 0.5 * len(classes) * max(len(arms), 1) ** 0.5 + 2)), 4.0)
     ax = fig.subplots()
     _grouped_bars(ax, series, classes)
     ax.set_ylim(0.0, 100.0)
