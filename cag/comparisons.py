@@ -156,13 +156,14 @@ def _by_seed(rows: list[dict], preset: str, arm: str, checkpoint: str, metric: s
 
 
 def compare(rows: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: str = "last",
-            seeds=None, metric: str = "miou") -> dict:
+            seeds=None, metric: str = "miou", level: float = 0.95) -> dict:
     """Paired comparison ``arm_a - arm_b`` of ``metric`` over the seeds of ``summary.csv`` rows.
 
     Selects the rows of ``preset`` and ``checkpoint`` of each arm (one per seed), optionally only
-    the given ``seeds``, and applies :func:`paired_difference` (strict: both arms must have the
-    same seeds). Differences stay in the metric's unit (fractions for mIoU). Returns a dict with
-    :data:`COMPARISON_KEYS`; ``seeds`` is a space-separated string such as ``"1 2 3"``.
+    the given ``seeds``, and applies :func:`paired_difference` at ``level`` (strict: both arms
+    must have the same seeds; ``level = 1 - 0.05 / m`` gives the Bonferroni interval of one of
+    ``m`` comparisons). Differences stay in the metric's unit (fractions for mIoU). Returns a dict
+    with :data:`COMPARISON_KEYS`; ``seeds`` is a space-separated string such as ``"1 2 3"``.
     """
     a = _by_seed(rows, preset, arm_a, checkpoint, metric)
     b = _by_seed(rows, preset, arm_b, checkpoint, metric)
@@ -175,7 +176,7 @@ def compare(rows: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: s
                                  f"checkpoint={checkpoint!r} (has {sorted(values)})")
         a = {s: a[s] for s in wanted}
         b = {s: b[s] for s in wanted}
-    result = paired_difference(a, b)
+    result = paired_difference(a, b, level)
     return {"preset": preset, "arm_a": arm_a, "arm_b": arm_b, "checkpoint": checkpoint,
             "mean_diff": float(result["mean_diff"]), "ci_low": float(result["ci_low"]),
             "ci_high": float(result["ci_high"]), "seeds": " ".join(str(s) for s in result["seeds"])}

@@ -614,3 +614,37 @@ def plot_stage_curves(rows, preset: str, arms=("cag", "self_training"), checkpoi
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return fig
+
+
+def plot_stage_differences(rows, preset: str, arms=("cag", "self_training"), start: str = "warmup",
+                           checkpoint: str = "last"):
+    """Each arm's paired difference from the warm-up model per CAG stage
+    (:func:`cag.results.stage_differences`): mean over seeds in mIoU points with its paired 95 %
+    Student-t interval; 0 (a line) is the warm-up every arm starts from."""
+    from .results import arm_name, stage_differences
+
+    table = stage_differences(rows, preset, arms, start, checkpoint)
+    fig = _figure(6.5, 3.8)
+    ax = fig.subplots()
+    ax.set_xlabel("CAG stage")
+    ax.set_ylabel(f"arm - {arm_name(start)} (mIoU points)")
+    ax.set_title(f"Preset {preset}: each arm minus the {arm_name(start)} it starts from\n"
+                 f"(paired differences within each seed, mean and 95 % CI; {checkpoint} checkpoint)")
+    if not table:
+        return _no_data(ax, f"no stage of {', '.join(arms)} on preset {preset}")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    for k, arm in enumerate(arms):
+        points = [t for t in table if t["arm"] == arm]
+        if not points:
+            continue
+        shift = 0.06 * (k - (len(arms) - 1) / 2)
+        means = [100 * t["mean_diff"] for t in points]
+        ax.errorbar([0.0] + [t["stage"] + shift for t in points], [0.0] + means,
+                    yerr=[[0.0] + [m - 100 * t["ci_low"] for m, t in zip(means, points)],
+                          [0.0] + [100 * t["ci_high"] - m for m, t in zip(means, points)]],
+                    marker="o", capsize=3, label=points[0]["name"])
+    stages = [0] + sorted({t["stage"] for t in table})
+    ax.set_xticks(stages, [arm_name(start) if s == 0 else str(s) for s in stages])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig

@@ -215,6 +215,28 @@ def stage_table(rows: list[dict], preset: str, arms=("cag", "self_training"), ch
     return table
 
 
+def stage_differences(rows: list[dict], preset: str, arms=("cag", "self_training"), start: str = "warmup",
+                      checkpoint: str = "last") -> list[dict]:
+    """Each arm's paired difference from the ``start`` arm (the warm-up model every adapted arm
+    starts from), stage by stage: :func:`cag.comparisons.compare` of ``<arm>_stage<k> - start`` on
+    the seeds both have (at least two), as dicts ``{arm, name, stage, mean_diff, ci_low, ci_high,
+    seeds}``. Declared or not, these are descriptions: the figure of a stage schedule, paired.
+    """
+    chosen = select(rows, preset, checkpoint)
+    table = []
+    for arm in arms:
+        stages = sorted({int(m["stage"]) for m in (_STAGE.match(r["arm"]) for r in chosen) if m and m["arm"] == arm})
+        for stage in stages:
+            name = f"{arm}_stage{stage}"
+            seeds = _common_seeds(chosen, name, start)
+            if len(seeds) < 2:
+                continue
+            row = _compare(rows, preset, name, start, checkpoint, seeds)
+            table.append({"arm": arm, "name": arm_name(arm), "stage": stage, **{k: row[k] for k in
+                          ("mean_diff", "ci_low", "ci_high", "seeds")}})
+    return table
+
+
 # ----------------------------------------------------------------------------- calibration
 
 
@@ -428,6 +450,23 @@ def find_comparison(comparison_rows: list[dict], preset: str, arm_a: str, arm_b:
                    f"the file has on {preset!r}: {', '.join(present) or 'none'}")
 
 
+def _compare(rows: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: str, seeds,
+             level: float = 0.95) -> dict:
+    """:func:`cag.comparisons.compare` on :func:`select`'s rows (``best_val`` falls back to ``last``
+    where summary.csv has no distinct ``best_val`` row)."""
+    from .comparisons import compare
+
+    chosen = [{**r, "checkpoint": checkpoint} for r in select(rows, preset, checkpoint)]
+    return compare(chosen, preset, arm_a, arm_b, checkpoint, seeds=seeds, level=level)
+
+
+def _common_seeds(chosen: list[dict], arm_a: str, arm_b: str) -> list[int]:
+    def seeds(arm):
+        return {r["seed"] for r in chosen if r["arm"] == arm and r["miou"] is not None}
+
+    return sorted(seeds(arm_a) & seeds(arm_b))
+
+
 def undeclared_comparisons(rows: list[dict], declared, preset: str, pairs, checkpoint: str = "last") -> list[dict]:
     """Paired comparisons chosen after the declared list (post hoc), computed from summary.csv rows.
 
@@ -438,19 +477,31 @@ def undeclared_comparisons(rows: list[dict], declared, preset: str, pairs, check
     format, in the order of ``pairs``, never written to comparisons.csv: the chapter labels them
     exploratory and keeps them out of the declared count.
     """
-    from .comparisons import compare
-
     listed = {tuple(entry[:4]) for entry in declared or []}
     chosen = select(rows, preset, checkpoint)
     out = []
     for arm_a, arm_b in pairs:
-        if (preset, arm_a, arm_b, checkpoint) in listed:
-            continue
-        seeds = sorted({r["seed"] for r in chosen if r["arm"] == arm_a and r["miou"] is not None}
-                       & {r["seed"] for r in chosen if r["arm"] == arm_b and r["miou"] is not None})
-        if len(seeds) >= 2:
-            out.append(compare([{**r, "checkpoint": checkpoint} for r in chosen], preset, arm_a, arm_b,
-                               checkpoint, seeds=seeds))
+        seeds = _common_seeds(chosen, arm_a, arm_b)
+        if (preset, arm_a, arm_b, checkpoint) not in listed and len(seeds) >= 2:
+            out.append(_compare(rows, preset, arm_a, arm_b, checkpoint, seeds))
+    return out
+
+
+def bonferroni(rows: list[dict], comparison_rows: list[dict], preset: str, level: float = 0.95) -> list[dict]:
+    """The declared comparisons of ``preset`` (comparisons.csv rows) recomputed from summary.csv
+    ``rows`` at the Bonferroni level ``1 - (1 - level) / m``, ``m`` the number of them: the
+    interval that holds for all ``m`` at once. Rows as :func:`cag.comparisons.compare` returns
+    them, plus ``excludes_zero`` (at ``level``) and ``excludes_zero_family`` (at the family level).
+    """
+    from .comparisons import excludes_zero
+
+    family = [r for r in comparison_rows if r["preset"] == preset]
+    out = []
+    for row in family:
+        seeds = row["seeds"].split() if isinstance(row["seeds"], str) else list(row["seeds"])
+        wide = _compare(rows, preset, row["arm_a"], row["arm_b"], row["checkpoint"], seeds,
+                        level=1.0 - (1.0 - level) / len(family))
+        out.append({**wide, "excludes_zero": excludes_zero(row), "excludes_zero_family": excludes_zero(wide)})
     return out
 
 

@@ -149,6 +149,10 @@ def test_compare_numeric_rows_and_seed_subset():
     assert result["ci_high"] == pytest.approx(0.2 + 1.27062047361747, abs=1e-9)
     with pytest.raises(ValueError, match=r"\[5\].*cag_stage1"):
         cmp.compare(rows, "class", "cag_stage1", "self_training_stage1", seeds=[1, 5])
+    # level 0.99 (a Bonferroni 0.05 / 5): t_{0.995, 1} = 63.6567411628715 from standard tables
+    wide = cmp.compare(rows, "class", "cag_stage1", "self_training_stage1", seeds=[3, 1], level=0.99)
+    assert wide["ci_high"] == pytest.approx(0.2 + 6.36567411628715, abs=1e-9)
+    assert wide["mean_diff"] == pytest.approx(result["mean_diff"])
 
 
 def test_compare_errors():

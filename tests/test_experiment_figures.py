@@ -146,3 +146,21 @@ def test_figures_of_results_not_scored_yet_say_so_without_warnings(check, recwar
     for ax in check(figures.plot_delta_d([], preset="class"), 2):
         assert [t.get_text() for t in ax.texts] == ["no Delta_d sweep row in these results files yet"]
     assert not recwarn.list
+
+
+def test_plot_stage_differences(tables, check):
+    fig = figures.plot_stage_differences(tables["summary"], "class", ["cag", "self_training"])
+    (ax,) = check(fig, 1)
+    bars = containers(ax, ErrorbarContainer)
+    assert len(bars) == 2
+    # CAG: 0 at the warm-up, then 4 points (stage 1, interval 4 -+ t * 2 / sqrt 3) and 10 (stage 2)
+    line = bars[0].lines[0]
+    assert list(line.get_ydata()) == [pytest.approx(0.0), pytest.approx(4.0), pytest.approx(10.0)]
+    (_, low), (_, high) = bars[0].lines[2][0].get_segments()[1]
+    half = T975_2 * 2.0 / math.sqrt(3)
+    assert (low, high) == (pytest.approx(4.0 - half), pytest.approx(4.0 + half))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["warm-up", "1", "2"]
+    assert any(list(l.get_ydata()) == [0, 0] for l in ax.lines)   # the warm-up's line at 0
+    (ax,) = check(figures.plot_stage_differences([], "class"), 1)
+    assert not containers(ax, ErrorbarContainer) and ax.texts
+

@@ -450,3 +450,41 @@ def test_undeclared_comparisons_skip_the_declared_and_pair_by_seed(tables):
     assert best[0]["checkpoint"] == "best_val" and best[0]["mean_diff"] == pytest.approx(0.05)
     assert res.undeclared_comparisons(tables["summary"], declared, "class",
                                       [("self_training_stage1", "warmup")], "best_val") == []
+
+
+def test_stage_differences_pair_each_stage_with_the_warmup(tables):
+    table = res.stage_differences(tables["summary"], "class", ["cag", "self_training", "cag_long"])
+    got = {(t["arm"], t["stage"]): t for t in table}
+    assert list(got) == [("cag", 1), ("cag", 2), ("self_training", 1), ("cag_long", 1)]
+    # cag_stage1 0.52/0.54/0.56 - warm-up 0.50: d = 0.02/0.04/0.06, mean 0.04, sd 0.02
+    half = T975_2 * 0.02 / math.sqrt(3)
+    assert got["cag", 1]["mean_diff"] == pytest.approx(0.04)
+    assert (got["cag", 1]["ci_low"], got["cag", 1]["ci_high"]) == (pytest.approx(0.04 - half), pytest.approx(0.04 + half))
+    # cag_stage2 0.6 on every seed: d = 0.1, sd 0, a zero-width interval
+    assert (got["cag", 2]["mean_diff"], got["cag", 2]["ci_low"], got["cag", 2]["ci_high"]) == \
+        (pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.1))
+    assert got["self_training", 1]["mean_diff"] == pytest.approx(0.01) and got["cag", 1]["seeds"] == "1 2 3"
+    assert got["cag_long", 1]["mean_diff"] == pytest.approx(0.2)   # 0.70 - 0.50
+    # another start: against AdaBN 0.45/0.55/0.65, cag_stage1 - adabn = 0.07/-0.01/-0.09, mean -0.01
+    assert res.stage_differences(tables["summary"], "class", ["cag"], start="adabn")[0]["mean_diff"] == \
+        pytest.approx(-0.01)
+    assert res.stage_differences(tables["summary"], "global", ["cag"]) == []   # no warm-up on global
+
+
+def test_bonferroni_widens_each_interval_to_the_family_level(tables):
+    # class has five comparisons in the fixture, so each is recomputed at level 1 - 0.05 / 5 = 0.99
+    summary, compared = tables["summary"], tables["comparisons"]
+    rows = res.bonferroni(summary, compared, "class")
+    assert [(r["arm_a"], r["arm_b"], r["checkpoint"]) for r in rows] == \
+        [(r["arm_a"], r["arm_b"], r["checkpoint"]) for r in compared if r["preset"] == "class"]
+    first = rows[0]   # CAG stage 1 - self-training stage 1, last: d = 0.02/0.03/0.04, mean 0.03, sd 0.01
+    t_995_2 = 9.92484320091829   # t_{0.995, 2} from standard tables
+    half = t_995_2 * 0.01 / math.sqrt(3)
+    assert first["mean_diff"] == pytest.approx(0.03)
+    assert (first["ci_low"], first["ci_high"]) == (pytest.approx(0.03 - half), pytest.approx(0.03 + half))
+    # the csv's own interval (0.01 to 0.05) excludes zero; the family one (0.03 -+ 0.0573) does not
+    assert first["excludes_zero"] and not first["excludes_zero_family"]
+    # adabn - source-only: d = 0.05 on every seed, sd 0: the family interval stays [0.05, 0.05] while
+    # the fixture's csv interval (-0.01 to 0.11) contains zero: each flag reads its own interval
+    adabn = next(r for r in rows if r["arm_a"] == "adabn")
+    assert not adabn["excludes_zero"] and adabn["excludes_zero_family"]
