@@ -588,34 +588,6 @@ def plot_delta_d(delta_rows, stage: int = 1, preset: str | None = None):
     return fig
 
 
-def plot_stage_curves(rows, preset: str, arms=("cag", "self_training"), checkpoint: str = "last"):
-    """mIoU against the CAG stage per arm (:func:`cag.results.stage_table`; stage 0 = the warm-up
-    model they all start from): mean over seeds with its 95 % Student-t interval as error bars."""
-    from .results import stage_table
-
-    table = stage_table(rows, preset, arms, checkpoint)
-    fig = _figure(6.5, 3.8)
-    ax = fig.subplots()
-    ax.set_xlabel("CAG stage")
-    ax.set_ylabel(_HELD_OUT)
-    ax.set_title(f"Preset {preset}: mIoU per stage\n(mean over seeds with its 95 % CI; {checkpoint} checkpoint)")
-    if not table:
-        return _no_data(ax, f"no stage of {', '.join(arms)} on preset {preset}")
-    for k, arm in enumerate(arms):
-        points = [t for t in table if t["arm"] == arm]
-        if not points:
-            continue
-        shift = 0.06 * (k - (len(arms) - 1) / 2)
-        ax.errorbar([t["stage"] + shift for t in points], [100 * t["mean"] for t in points],
-                    yerr=[0.0 if math.isnan(t["half_ci"]) else 100 * t["half_ci"] for t in points],
-                    marker="o", capsize=3, label=points[0]["name"])
-    stages = sorted({t["stage"] for t in table})
-    ax.set_xticks(stages, ["warm-up" if s == 0 else str(s) for s in stages])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
-
-
 def plot_stage_differences(rows, preset: str, arms=("cag", "self_training"), start: str = "warmup",
                            checkpoint: str = "last"):
     """Each arm's paired difference from the warm-up model per CAG stage

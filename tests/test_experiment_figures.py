@@ -122,25 +122,10 @@ def test_plot_delta_d(tables, check):
         figures.plot_delta_d(tables["delta_d"])
 
 
-def test_plot_stage_curves(tables, check):
-    fig = figures.plot_stage_curves(tables["summary"], "class", ["cag", "self_training"])
-    (ax,) = check(fig, 1)
-    cag, st = containers(ax, ErrorbarContainer)
-    line, _, (bars,) = cag.lines
-    assert len(line.get_xdata()) == 3 and len(st.lines[0].get_xdata()) == 2
-    assert list(line.get_ydata()) == pytest.approx([50.0, 54.0, 60.0])
-    # stage 1: 54 +- t_{0.975,2} x 2 / sqrt(3) points
-    (_, low), (_, high) = bars.get_segments()[1]
-    half = T975_2 * 2.0 / math.sqrt(3)
-    assert (low, high) == (pytest.approx(54.0 - half), pytest.approx(54.0 + half))
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["warm-up", "1", "2"]
-    assert ax.get_legend_handles_labels()[1] == ["CAG", "self-training"]
-
-
 def test_figures_of_results_not_scored_yet_say_so_without_warnings(check, recwarn):
     """Partial results (the benchmark writes a row once it is scored): an empty panel that says
     what is missing, no error and no warning (a notebook would show it as stderr)."""
-    (ax,) = check(figures.plot_stage_curves([], "class"), 1)
+    (ax,) = check(figures.plot_stage_differences([], "class"), 1)
     assert [t.get_text() for t in ax.texts] == ["no stage of cag, self_training on preset class in these results "
                                                 "files yet"]
     for ax in check(figures.plot_delta_d([], preset="class"), 2):
