@@ -5,7 +5,7 @@
     python -m cag stage2 configs/synthetic.yaml              # one stage (its inputs must be done)
     python -m cag config configs/synthetic.yaml train.precision=fast   # the validated config, settings in effect
     torchrun --nproc_per_node=4 -m cag run configs/gta5_to_cityscapes.yaml
-    python -m cag experiments configs/experiments/benchmark_v2.yaml   # the benchmark table in results/benchmark/
+    python -m cag experiments configs/experiments/benchmark_v2.yaml   # the benchmark table in results/
 
 Overrides use dotted keys and YAML values; unknown keys, wrong types and impossible values are
 refused before any work starts. A mistake in the input (configuration, data, checkpoint,

@@ -11,7 +11,7 @@ says what it is:
 
 Both plan their runs and jobs with :mod:`cag.benchmark_runs` and are resumable across sessions
 and machines through a committed cache of scored units (``<results_dir>/scores/``,
-:mod:`cag.score_cache`); their results files (``results/benchmark/``, ``results/README.md``) are
+:mod:`cag.score_cache`); their results files (``results/``, ``results/README.md``) are
 read back by :mod:`cag.results` and shown in the book's chapter 8. This module holds what both
 runners use: a run's configuration (:func:`run_config`), the target-trained oracle
 (:func:`train_oracle`), scoring (:func:`score`) and the writers of the results files

@@ -1,4 +1,4 @@
-"""Tables and sentences of the benchmark's results files (``results/benchmark/*.csv``).
+"""Tables and sentences of the benchmark's results files (``results/*.csv``).
 
 The files are written by :mod:`cag.calibration` and :mod:`cag.benchmark_table` (``python -m cag
 experiments configs/experiments/calibration_v2.yaml`` and ``.../benchmark_v2.yaml``); the book's

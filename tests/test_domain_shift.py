@@ -208,7 +208,7 @@ def rendering_digest() -> str:
 
 
 #: The rendering of version 2 as of its format version (cag.data.synthetic.FORMAT_VERSION). The
-#: benchmark table's score cache (results/benchmark/scores/) trusts a generated folder by its
+#: benchmark table's score cache (results/scores/) trusts a generated folder by its
 #: manifest (format version and parameters), not by its pixels: a change of what the generator
 #: draws must come with a FORMAT_VERSION bump, which invalidates every cached score. This digest
 #: is that reminder; update it together with the bump, never alone.

@@ -147,13 +147,13 @@ def test_a_chapter_opened_in_jupyter_shows_its_code_and_numbers(path):
 
 def test_the_results_chapter_answers_every_question_once_the_table_is_complete():
     """Chapter 8 prints a placeholder for a comparison its results files lack; once the table it
-    was executed on is complete (results/benchmark/runs.json), a placeholder can only be a
+    was executed on is complete (results/runs.json), a placeholder can only be a
     comparison that was never declared, such as a misspelt arm: the committed chapter holds none."""
     from cag.results import NO_RESULT
 
     path = next(p for p in NOTEBOOKS if p.name.startswith("08_"))
     nb = nbformat.read(path, as_version=4)
-    record = json.loads((REPO / "results" / "benchmark" / "runs.json").read_text())
+    record = json.loads((REPO / "results" / "runs.json").read_text())
     printed = "\n".join(printed_outputs(c) for c in code_cells(nb))
     assert f"benchmark: complete {record['complete']}" in printed, f"{path.name} was executed on other results than runs.json's"
     if record["complete"]:

@@ -6,9 +6,9 @@ optionally placeholder results files to develop it against.
     python book/drafts/make_08.py --fake DIR           # write FAKE results files into DIR
     python book/drafts/make_08.py --execute DIR        # write the draft, then run it on DIR (papermill)
     python book/drafts/make_08.py --book               # write and run book/08_results.ipynb
-    python book/drafts/make_08.py --book DIR           #   ... on DIR instead of results/benchmark
+    python book/drafts/make_08.py --book DIR           #   ... on DIR instead of results
 
-``--fake`` writes the six CSV files and the two JSON files of ``results/benchmark/`` (formats of
+``--fake`` writes the six CSV files and the two JSON files of ``results/`` (formats of
 ``cag.calibration`` and ``cag.benchmark_table``) with made-up but plausible values: 5 seeds on
 ``class``, 3 on ``global`` and ``full``, every arm and every declared comparison of
 ``configs/experiments/benchmark_v2.yaml`` (the comparisons computed from the fake summary by
@@ -17,7 +17,7 @@ They are placeholders for the chapter's layout, never results.
 
 ``--execute`` runs the draft with ``results_dir=DIR`` through ``cag.book.execute`` (papermill,
 volatile metadata stripped), removes the cell papermill injects (so that a later plain run reads
-the default ``results/benchmark``), and puts the draft banner first. ``--book`` does the same
+the default ``results``), and puts the draft banner first. ``--book`` does the same
 into ``book/08_results.ipynb``, without the banner: the chapter is replaced only when every cell
 ran (a failed run is left as ``book/08_results.failed.ipynb``). The chapter reads whatever the
 results folder holds; on partial results (``runs.json``: ``complete`` false) it says which
@@ -106,7 +106,7 @@ commands (for example with other seeds):
 
 code(r'''
 # Parameters (papermill: -p NAME VALUE).
-results_dir = "results/benchmark"  # written by the calibration_v2 and benchmark_v2 experiment files
+results_dir = "results"  # written by the calibration_v2 and benchmark_v2 experiment files
 experiment = "configs/experiments/benchmark_v2.yaml"  # the file that declared the comparisons
 ''', tags=["parameters"])
 
@@ -1197,9 +1197,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fake", metavar="DIR", help="write placeholder results files into DIR")
     parser.add_argument("--execute", metavar="DIR", help="write the draft, then run it on DIR")
-    parser.add_argument("--book", nargs="?", const="results/benchmark", metavar="DIR",
+    parser.add_argument("--book", nargs="?", const="results", metavar="DIR",
                         help="write book/08_results.ipynb (no banner) and run it on DIR "
-                             "(default: results/benchmark)")
+                             "(default: results)")
     args = parser.parse_args(argv)
     if args.fake:
         fake(Path(args.fake).resolve())

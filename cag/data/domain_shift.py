@@ -51,7 +51,7 @@ class Preset(NamedTuple):
 #: shift (materials, look-alikes, shapes, optics) with no global colour change; ``global``: the
 #: counter-example that normalisation statistics should undo; ``full``: everything at once.
 #: Default strengths from the calibration on target *val* (configs/experiments/calibration_v2.yaml,
-#: results/benchmark/calibration.csv, 3 seeds; source-only 16000 iterations, the oracle fine-tuned
+#: results/calibration.csv, 3 seeds; source-only 16000 iterations, the oracle fine-tuned
 #: from it): class 0.4 puts source-only at 0.461 mIoU, 54 % of the oracle's 0.860, AdaBN at
 #: 0.535 (19 % of the gap closed); full 0.4 at 0.400, 47 % of 0.848, AdaBN 0.510 (25 %); the
 #: oracle's weakest class is pole (0.67 and 0.65). global 1.6 is the counter-example: AdaBN
