@@ -549,7 +549,9 @@ def plot_calibration(calibration_rows):
         ax.set_ylabel("val mIoU (%, mean over seeds)")
         ax.grid(alpha=0.3)
         ax.set_title(f"preset {preset}", fontsize="medium")
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4) or 1, fontsize="small",
+               frameon=False)  # below the panels: in one it covered the oracle's line
     fig.suptitle("Calibration on target val: source-only, AdaBN and the oracle against the strength")
     return fig
 

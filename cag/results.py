@@ -370,8 +370,12 @@ def calibration_sentence(verdict: dict) -> str:
     parts.append(f"the oracle's weakest class {verdict['floor_class'] or '–'} at IoU "
                  f"{number(verdict['floor_iou'], '.3f')} (aim at least {MIN_ORACLE_CLASS_IOU:.2f}: "
                  f"{said(verdict['floor_ok'])})")
-    parts.append(f"twice the source-only iterations changing val mIoU by {number(verdict['plateau_change'], '+.1f')} "
-                 f"points (aim under {MAX_PLATEAU_CHANGE:g}: {said(verdict['plateau_ok'])})")
+    if verdict["plateau_change"] is None:
+        parts.append(f"twice the source-only iterations: not measured yet (aim: a change under "
+                     f"{MAX_PLATEAU_CHANGE:g} point)")
+    else:
+        parts.append(f"twice the source-only iterations changing val mIoU by {verdict['plateau_change']:+.1f} "
+                     f"points (aim under {MAX_PLATEAU_CHANGE:g}: {said(verdict['plateau_ok'])})")
     overall = {True: "every aim met", False: "not every aim met", None: "not every aim measured yet"}
     return (f"{verdict['preset']} at strength {verdict['strength']:g}: " + "; ".join(parts)
             + f". In all: {overall[verdict['all_ok']]}.")

@@ -107,6 +107,9 @@ def test_plot_calibration(tables, check):
     (span,) = global_ax.patches
     y_low, y_high = span.get_y(), span.get_y() + span.get_height()   # data units on y
     assert (y_low, y_high) == (pytest.approx(0.40 * 60.0), pytest.approx(0.65 * 60.0))
+    # one legend for the figure, below the panels (not on top of a panel's lines)
+    assert class_ax.get_legend() is None and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()][0].startswith("source-only")
 
 
 def test_plot_delta_d(tables, check):

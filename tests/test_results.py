@@ -311,7 +311,8 @@ def test_calibration_sentence_says_each_aim_and_its_verdict(tables):
     global_ = res.calibration_sentence(res.calibration_verdicts(tables["calibration"], tables["classes"], "global", 1.6))
     assert "AdaBN" not in global_ and global_.endswith("In all: every aim met.")
     unmeasured = dict(v, plateau_change=None, plateau_ok=None, all_ok=None)
-    assert "by – points (aim under 1: not measured yet)" in res.calibration_sentence(unmeasured)
+    assert "twice the source-only iterations: not measured yet (aim: a change under 1 point)" in \
+        res.calibration_sentence(unmeasured)
     assert res.calibration_sentence(unmeasured).endswith("not every aim measured yet.")
 
 
