@@ -222,7 +222,7 @@ def stage_differences(rows: list[dict], preset: str, arms=("cag", "self_training
     the seeds both have (at least two), as dicts ``{arm, name, stage, mean_diff, ci_low, ci_high,
     seeds}``. Declared or not, these are descriptions: the figure of a stage schedule, paired.
     """
-    chosen = select(rows, preset, checkpoint)
+    chosen = _selected(rows, preset, checkpoint)
     table = []
     for arm in arms:
         stages = sorted({int(m["stage"]) for m in (_STAGE.match(r["arm"]) for r in chosen) if m and m["arm"] == arm})
@@ -231,7 +231,7 @@ def stage_differences(rows: list[dict], preset: str, arms=("cag", "self_training
             seeds = _common_seeds(chosen, name, start)
             if len(seeds) < 2:
                 continue
-            row = _compare(rows, preset, name, start, checkpoint, seeds)
+            row = _compare(chosen, preset, name, start, checkpoint, seeds)
             table.append({"arm": arm, "name": arm_name(arm), "stage": stage, **{k: row[k] for k in
                           ("mean_diff", "ci_low", "ci_high", "seeds")}})
     return table
@@ -454,13 +454,16 @@ def find_comparison(comparison_rows: list[dict], preset: str, arm_a: str, arm_b:
                    f"the file has on {preset!r}: {', '.join(present) or 'none'}")
 
 
-def _compare(rows: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: str, seeds,
+def _selected(rows: list[dict], preset: str, checkpoint: str) -> list[dict]:
+    """:func:`select`'s rows labelled ``checkpoint`` (a ``last`` row standing in for an identical
+    ``best_val`` one), as :func:`cag.comparisons.compare` reads them."""
+    return [{**r, "checkpoint": checkpoint} for r in select(rows, preset, checkpoint)]
+
+
+def _compare(chosen: list[dict], preset: str, arm_a: str, arm_b: str, checkpoint: str, seeds,
              level: float = 0.95) -> dict:
-    """:func:`cag.comparisons.compare` on :func:`select`'s rows (``best_val`` falls back to ``last``
-    where summary.csv has no distinct ``best_val`` row)."""
     from .comparisons import compare
 
-    chosen = [{**r, "checkpoint": checkpoint} for r in select(rows, preset, checkpoint)]
     return compare(chosen, preset, arm_a, arm_b, checkpoint, seeds=seeds, level=level)
 
 
@@ -482,12 +485,12 @@ def undeclared_comparisons(rows: list[dict], declared, preset: str, pairs, check
     exploratory and keeps them out of the declared count.
     """
     listed = {tuple(entry[:4]) for entry in declared or []}
-    chosen = select(rows, preset, checkpoint)
+    chosen = _selected(rows, preset, checkpoint)
     out = []
     for arm_a, arm_b in pairs:
         seeds = _common_seeds(chosen, arm_a, arm_b)
         if (preset, arm_a, arm_b, checkpoint) not in listed and len(seeds) >= 2:
-            out.append(_compare(rows, preset, arm_a, arm_b, checkpoint, seeds))
+            out.append(_compare(chosen, preset, arm_a, arm_b, checkpoint, seeds))
     return out
 
 
@@ -503,7 +506,8 @@ def bonferroni(rows: list[dict], comparison_rows: list[dict], preset: str, level
     out = []
     for row in family:
         seeds = row["seeds"].split() if isinstance(row["seeds"], str) else list(row["seeds"])
-        wide = _compare(rows, preset, row["arm_a"], row["arm_b"], row["checkpoint"], seeds,
+        chosen = _selected(rows, preset, row["checkpoint"])
+        wide = _compare(chosen, preset, row["arm_a"], row["arm_b"], row["checkpoint"], seeds,
                         level=1.0 - (1.0 - level) / len(family))
         out.append({**wide, "excludes_zero": excludes_zero(row), "excludes_zero_family": excludes_zero(wide)})
     return out

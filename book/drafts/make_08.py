@@ -1035,7 +1035,7 @@ the same warm-up, the comparisons this chapter asks first.
   others (the warm-up continued for 3 × 300 iterations with its adversarial term) was not run.
 - **Classes no unsupervised arm learns.** A class that stays near 0 IoU for every arm without
   target labels (the per-class table shows which; in this table traffic sign and bus, against
-  the oracle's 70-90) adds about the same to each such arm's mIoU: differences between those
+  the oracle's 73 and 91) adds about the same to each such arm's mIoU: differences between those
   arms come from the other classes.
 - **The factorial is stage 1 only.** It says nothing about the two ingredients at stages 2-3.
 - **Few seeds, many comparisons.** Each interval covers its own comparison at 95 %; across all
