@@ -92,14 +92,15 @@ def adapt_checkpoint(cfg, checkpoint, out, split: str = "train"):
     from pathlib import Path
 
     from .checkpoint import save_checkpoint
-    from .data.datasets import collate
+    from .data.datasets import collate, loader_workers
     from .stages import make_model, resolve_device
 
     device = resolve_device(cfg.device)
     model = make_model(cfg, device, checkpoint)
     dataset = target_images(cfg, split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
-                                         num_workers=cfg.data.num_workers, collate_fn=collate)
+    workers = loader_workers(cfg.data.num_workers, -(-len(dataset) // cfg.eval.batch_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate)
     adapt_batchnorm(model, (batch["image"] for batch in loader), device)
     out = Path(out)
     save_checkpoint(out, {"format": "cag-model/1", "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -11,8 +11,10 @@ everywhere; nothing assumes 19 classes or a crop size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -364,6 +366,48 @@ def stage_labellers(cfg: Config) -> list[tuple[int, Path, Path]]:
             anchors = pipeline.stage_dir(f"stage{k}") / "anchors" / "anchors.pt"
         out.append((k, labeller, anchors))
     return out
+
+
+def labeller_quality(cfg: Config, labeller: Path, anchors_path: Path, delta_ds, max_images: int | None = None,
+                     cache_dir: Path | None = None) -> dict:
+    """:func:`split_pseudo_label_quality` of the checkpoint ``labeller`` over target train.
+
+    With ``cache_dir`` (a run's ``chapter_cache/``) the result is kept there and a later call for
+    the same labeller, anchors and settings and a subset of the margins reads it: chapter 7 asks
+    for the warm-up labeller that chapter 5 measured (up to 500 full-size images in the paper
+    profile). The key holds the labeller's and the anchor file's path, size and modification
+    time, the split's root and length, ``max_images``, the batch size and the threshold.
+    """
+    from .anchors import load_anchors
+    from .stages import eval_dataset, make_model, resolve_device
+
+    dataset = eval_dataset(cfg, "train")
+    files = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in (labeller, anchors_path)]
+    key = {"files": files, "root": str(cfg.data.target_root), "images": len(dataset), "max_images": max_images,
+           "batch_size": cfg.eval.batch_size, "prob_threshold": float(cfg.cag.prob_threshold)}
+    delta_ds = [float(d) for d in delta_ds]
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"labeller-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.pt"
+        if path.is_file():
+            kept = torch.load(path, weights_only=True)
+            if kept["key"] == key and set(delta_ds) <= set(kept["quality"]["anchor"]):
+                return {"probability": kept["quality"]["probability"],
+                        "anchor": {d: kept["quality"]["anchor"][d] for d in delta_ds}}
+    device = resolve_device(cfg.device)
+    anchors, counts = load_anchors(anchors_path)
+    quality = split_pseudo_label_quality(make_model(cfg, device, labeller).eval(), dataset, anchors, counts,
+                                         cfg.data.num_classes, device, delta_ds=delta_ds,
+                                         prob_threshold=cfg.cag.prob_threshold, batch_size=cfg.eval.batch_size,
+                                         max_images=max_images)
+    quality = {"probability": {k: v.cpu() for k, v in quality["probability"].items()},
+               "anchor": {d: {k: v.cpu() for k, v in q.items()} for d, q in quality["anchor"].items()}}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save({"key": key, "quality": quality}, partial)
+        os.replace(partial, path)
+    return quality
 
 
 def pseudo_label_counts(cfg: Config, labeller: Path, anchors_path: Path) -> dict[str, dict[str, torch.Tensor]]:

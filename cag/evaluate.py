@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist
-from .data.datasets import collate
+from .data.datasets import collate, loader_workers
 from .metrics import ConfusionMatrix
 
 
@@ -51,7 +51,8 @@ def evaluate_model(model: nn.Module, dataset, num_classes: int, device, batch_si
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     indices = list(range(n))[dist.rank()::dist.world_size()]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                                         num_workers=loader_workers(num_workers, -(-len(indices) // batch_size)),
+                                         pin_memory=torch.device(device).type == "cuda",
                                          collate_fn=collate)
     cm = ConfusionMatrix(num_classes, device=device)
     ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else nullcontext()

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data.datasets import collate, sample_seed
+from .data.datasets import collate, loader_workers, sample_seed
 from .errors import TrainingStopped
 
 
@@ -89,9 +89,10 @@ class Stream:
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
         self.sampler = ResumableBatchSampler(len(dataset), batch_size, seed, rank=dist.rank(), world=dist.world_size())
+        workers = loader_workers(num_workers, len(self.sampler))
         self.loader = DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed), collate_fn=collate,
+            dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin_memory,
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed), collate_fn=collate,
         )
         self.consumed = 0
         self._it = None

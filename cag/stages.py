@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .evaluate import evaluate_model
 from .labels import class_names
+from .data.datasets import loader_workers
 from .loop import Augmented, LoopSpec, Stream, collate, run_loop
 from .losses import cag_loss, cag_loss_counts, labelled_pixel_count, segmentation_ce
 from .models import build_model
@@ -461,8 +462,9 @@ def compute_anchors(cfg: Config, stage_dir: Path, model_path) -> dict:
     dataset = anchor_dataset(cfg)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     order = order[: cfg.anchors.num_images or len(order)]
+    workers = loader_workers(cfg.data.num_workers, -(-len(order) // cfg.anchors.batch_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=cfg.anchors.batch_size,
-                                         num_workers=cfg.data.num_workers, collate_fn=collate)
+                                         num_workers=workers, collate_fn=collate)
     acc = AnchorAccumulator(cfg.data.num_classes, model.feature_dim, min_pixels=cfg.anchors.min_pixels,
                             count_cap=cfg.anchors.count_cap, mode=cfg.anchors.mode)
     from tqdm.auto import tqdm
@@ -650,11 +652,13 @@ def cag_stage(cfg: Config, stage_dir: Path, fingerprint: str, init, anchors_path
     return _write_summary(stage_dir, cfg, state, device, started, {"init": str(init), "anchors": str(anchors_path)})
 
 
-def evaluate(cfg: Config, checkpoint, split: str) -> dict:
+def evaluate(cfg: Config, checkpoint, split: str, confusion: bool = False) -> dict:
     """mIoU and per-class IoU of a checkpoint on a target split (docs/method.md §12).
 
     Full resolution, single scale unless ``eval.flip``/``eval.scales`` say otherwise; for a
     16-class model the standard 13-class mIoU* (from the 16 per-class IoUs) is added.
+    ``confusion=True`` adds the confusion matrix (rows: true class, columns: prediction; a CPU
+    tensor, not JSON) under ``"confusion"``.
     """
     device = resolve_device(cfg.device)
     model = make_model(cfg, device, checkpoint).eval()
@@ -669,4 +673,6 @@ def evaluate(cfg: Config, checkpoint, split: str) -> dict:
         from .metrics import miou13_from_16
 
         result["miou13"] = float(miou13_from_16(iou))
+    if confusion:
+        result["confusion"] = cm.matrix.cpu()
     return result

@@ -400,3 +400,48 @@ def test_coverage_counts_wrong_labels_and_not_the_unlabelled():
     assert (road["precision"], road["recall"], road["coverage"]) == (1.0, 0.25, 0.5)
     # sidewalk is absent from the ground truth but was assigned once: precision 0, no recall
     assert (sidewalk["assigned_pixels"], sidewalk["precision"], sidewalk["recall"]) == (1, 0.0, None)
+
+
+def test_labeller_quality_is_kept_and_served_for_a_subset_of_the_margins(tmp_path, monkeypatch):
+    """Chapter 7 reads chapter 5's measurement of the warm-up labeller instead of a second pass:
+    a cached result serves a subset of its margins, equal to a direct measurement; another
+    margin, a changed labeller file or no cache folder measure again."""
+    from cag import stages
+    from cag.anchors import save_anchors
+    from cag.config import from_dict
+
+    dataset, anchors, counts = tiny_dataset(n=5), torch.tensor([[0.2, 0.2], [0.5, 0.5], [0.8, 0.8]]), torch.ones(3)
+    forwards = []
+
+    class Counting(PooledModel):
+        def forward(self, x):
+            forwards.append(len(x))
+            return super().forward(x)
+
+    monkeypatch.setattr(stages, "eval_dataset", lambda cfg, split: dataset)
+    monkeypatch.setattr(stages, "make_model", lambda cfg, device, init=None: Counting())
+    cfg = from_dict({"device": "cpu", "quiet": True, "data": {"num_classes": 19, "target_root": str(tmp_path)},
+                     "cag": {"prob_threshold": 0.6}, "eval": {"batch_size": 2}})
+    labeller, anchor_file, cache = tmp_path / "warmup.pt", tmp_path / "anchors.pt", tmp_path / "chapter_cache"
+    labeller.write_bytes(b"weights")
+    save_anchors(anchor_file, anchors, counts)
+    direct = analysis.split_pseudo_label_quality(PooledModel(), dataset, anchors, counts, 19, "cpu",
+                                                 delta_ds=(0.0, 0.1), prob_threshold=0.6, batch_size=2)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in analysis.QUALITY_COUNTS)
+
+    first = analysis.labeller_quality(cfg, labeller, anchor_file, (0.0, 0.1), cache_dir=cache)
+    assert forwards == [2, 2, 1] and len(list(cache.glob("*.pt"))) == 1
+    again = analysis.labeller_quality(cfg, labeller, anchor_file, (0.1,), cache_dir=cache)
+    assert forwards == [2, 2, 1] and list(again["anchor"]) == [0.1]  # read, not measured
+    for result in (first, again):
+        assert same(result["anchor"][0.1], direct["anchor"][0.1])
+        assert same(result["probability"], direct["probability"])
+    analysis.labeller_quality(cfg, labeller, anchor_file, (0.2,), cache_dir=cache)  # a margin not kept
+    assert len(forwards) == 6
+    labeller.write_bytes(b"other weights")  # the stage was trained again
+    analysis.labeller_quality(cfg, labeller, anchor_file, (0.1,), cache_dir=cache)
+    assert len(forwards) == 9
+    analysis.labeller_quality(cfg, labeller, anchor_file, (0.1,))  # no cache folder: always measured
+    assert len(forwards) == 12

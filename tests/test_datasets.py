@@ -390,3 +390,43 @@ def test_make_lists_script_round_trips_through_the_loader(tmp_path):
         assert _script("make_lists").main(["gta5", str(tmp_path / "gta"), str(out)]) == 0
     assert out.read_text() == "00001.png\n00002.png\n"
     assert GTA5(tmp_path / "gta", list_file=out).names == ["00001.png", "00002.png"]
+
+
+# ----------------------------------------------------------------------------- loader workers
+
+
+def test_loaders_never_start_more_workers_than_they_have_batches(monkeypatch):
+    """``data.num_workers`` is a ceiling: a stream of 3 images at batch 2 hands out one batch per
+    epoch, a validation over 3 images at batch 2 two; more workers than that only fork the
+    training process (at real size on a CPU, gigabytes each). The batches are the same."""
+    from cag.data.datasets import loader_workers
+    from cag.evaluate import evaluate_model
+    from cag.loop import Stream
+    from test_evaluate import EchoModel, Items
+
+    assert [loader_workers(8, b) for b in (0, 1, 2, 8, 9)] == [0, 1, 2, 8, 8]
+    assert loader_workers(0, 5) == 0
+    items = Items([{"image": torch.full((3, 4, 4), float(i % 3)), "label": torch.full((4, 4), i % 3)}
+                   for i in range(3)])
+
+    class Keyed(Items):  # a Stream asks for (epoch, index)
+        def __getitem__(self, key):
+            return self.items[key[1]]
+
+    keyed = Keyed(items.items)
+    streams = {workers: Stream(keyed, batch_size=2, seed=1, num_workers=workers) for workers in (0, 8)}
+    assert streams[8].loader.num_workers == 1 and streams[0].loader.num_workers == 0
+    batches = {w: [s.next()["image"] for _ in range(3)] for w, s in streams.items()}
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[8]))
+
+    started = []
+    real_loader = torch.utils.data.DataLoader
+
+    class CountingLoader(real_loader):
+        def __init__(self, *args, **kwargs):
+            started.append(kwargs.get("num_workers", 0))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", CountingLoader)
+    cm = evaluate_model(EchoModel(3), items, 3, "cpu", batch_size=2, quiet=True, num_workers=8)
+    assert started == [2] and int(cm.matrix.sum()) == 3 * 16

@@ -391,7 +391,11 @@ def test_evaluate_stage_uses_eval_scales(monkeypatch, scales, miou):
     monkeypatch.setattr(stages, "eval_dataset", lambda cfg, split: class_one_image())
     cfg = from_dict({"device": "cpu", "quiet": True, "data": {"num_classes": 19, "num_workers": 0},
                      "eval": {"scales": scales}})
-    result = stages.evaluate(cfg, "unused.pt", "val")
+    result = stages.evaluate(cfg, "unused.pt", "val", confusion=True)
     assert model.widths == [4 * s for s in scales]
     assert result["miou"] == pytest.approx(miou)
     assert result["per_class_iou"]["road"] == (None if miou == 1.0 else 0.0)
+    # the matrix the scores came from (chapter 3 reads it): 16 class-1 pixels, predicted 1 or 0
+    assert result["confusion"].shape == (19, 19) and int(result["confusion"].sum()) == 16
+    assert int(result["confusion"][1, 1 if miou == 1.0 else 0]) == 16
+    assert "confusion" not in stages.evaluate(cfg, "unused.pt", "val")  # summary.json stays JSON

@@ -355,6 +355,15 @@ def collate(items: list[dict]) -> dict:
     return default_collate(items)
 
 
+def loader_workers(num_workers: int, batches: int) -> int:
+    """Loader processes for a loader that hands out ``batches`` batches per pass:
+    ``data.num_workers``, but never more than it has batches to give (the numbers do not depend on
+    it). Each worker is a fork of the training process; on a CPU run at real size that process
+    holds gigabytes, and idle workers that copy part of it (three loaders of 8 for a validation of
+    one image and two streams of one batch per epoch) pushed two runs side by side out of 24 GB."""
+    return max(0, min(int(num_workers), int(batches)))
+
+
 def read_list_file(path, suffix: str = ".png") -> list[str]:
     """Entries of an AdaptSegNet-style list file: one relative image name per line, blanks skipped.
 
