@@ -63,9 +63,14 @@ ARGS ?=
 paper-run: $(BOOK_STAMP)
 	$(PY) -m cag.book paper-run $(CONFIG) --stage $(STAGE) $(ARGS)
 
-## make test: every test (unit, integration, notebooks)
+## make test: every test (unit, integration, notebooks). All but the real-scale file on two
+## pytest-xdist workers of one thread each (tests/conftest.py; passive OpenMP threads, so that
+## chapters re-executed with two threads beside a worker do not spin), then the real-scale file
+## alone with two threads (~9 GB per run: it does not fit beside other work in 24 GB)
 test: $(TEST_STAMP) chromium
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -p no:cacheprovider --durations=20 -n 2 \
+		--dist loadfile --no-loadscope-reorder -m "not real_scale" tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=5 -m real_scale tests
 
 # The HTML test drives headless Chromium (Debian's package); CI installs it when running as root.
 chromium:

@@ -11,6 +11,7 @@ The chapters share ``runs/synthetic``; the first one that needs a stage trains i
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -344,7 +345,11 @@ def test_notebook_re_executes_under_nbval(path):
     pytest.importorskip("nbval")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
                "--nbval-sanitize-with", str(REPO / "tests" / "nbval_sanitize.cfg"), str(path)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    # The committed outputs come from `make book` (two threads); a CPU kernel's reduction order
+    # depends on the thread count, so the chapters re-execute with two threads whatever this
+    # worker has (make test: one per xdist worker), passive so they do not spin on shared cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, f"nbval failed on {path.name}:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}"
 
 
