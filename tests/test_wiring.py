@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from cag import loop, stages
+from cag.anchors import save_anchors
 from cag.config import from_dict
 from cag.evaluate import evaluate_model, predict_probs
 from cag.loop import LoopSpec, poly_lr, run_loop
@@ -327,6 +328,52 @@ def test_warmup_stage_gives_the_head_head_lr_mult_times_the_backbone_poly_lr(tmp
         assert [model_lrs[n] for n in sorted(backbone)] == pytest.approx([POLY_0_9[i]] * len(backbone), rel=1e-12), i
         assert [model_lrs[n] for n in sorted(head)] == pytest.approx([10 * POLY_0_9[i]] * len(head), rel=1e-12), i
         assert disc_lrs == pytest.approx([POLY_0_9[i] / 10], rel=1e-12), i
+
+
+
+class LoopHandedOver(Exception):
+    """Raised by the spy in place of training: the stage's set-up is what is under test."""
+
+
+@pytest.mark.parametrize("stage", ["source_only", "warmup", "cag"])
+def test_every_stage_hands_run_loop_train_poly_power_its_lr_and_its_horizon(tmp_path, monkeypatch, stage,
+                                                                            restore_determinism):
+    """Guards against a stage hard-coding the poly power (the released 0.9, or 1) instead of
+    ``train.poly_power``, or taking another stage's lr or horizon: with a power of 2.0 and each
+    stage's lr and horizon set to distinct values, the ``LoopSpec`` each stage builds must carry
+    exactly them (``test_run_loop_sets_the_poly_lr_times_each_groups_multiplier`` shows that
+    ``run_loop`` then applies them)."""
+    monkeypatch.setattr(stages, "source_dataset", lambda cfg: None)
+    monkeypatch.setattr(stages, "target_dataset", lambda cfg, split, labels: None)
+    monkeypatch.setattr(stages, "train_stream",
+                        lambda cfg, dataset, resize, batch_size, seed, device: FakeStream(batch_size, seed))
+    monkeypatch.setattr(stages, "_validator", lambda cfg, model, device: None)
+    specs = []
+
+    def spy(spec):
+        specs.append(spec)
+        raise LoopHandedOver
+
+    monkeypatch.setattr(stages, "run_loop", spy)
+    cfg = from_dict({
+        "device": "cpu", "quiet": True,
+        "data": {"num_classes": 19, "num_workers": 0},
+        "model": {"backbone": "tiny", "output_stride": 8, "feature_dim": 16, "aspp_rates": [1, 2, 3]},
+        "train": {"batch_size": 2, "poly_power": 2.0},
+        "source_only": {"iters": 7, "lr": 0.011, "poly_horizon": 70},
+        "warmup": {"iters": 8, "lr": 0.012, "poly_horizon": 80, "disc_channels": 4},
+        "cag": {"iters": 9, "lr": 0.013, "poly_horizon": 90},
+    })
+    anchors = tmp_path / "anchors.pt"
+    save_anchors(anchors, torch.zeros(19, 16), torch.ones(19))
+    run = {"source_only": lambda: stages.supervised_stage(cfg, tmp_path / "s", "f"),
+           "warmup": lambda: stages.warmup_stage(cfg, tmp_path / "w", "f", None),
+           "cag": lambda: stages.cag_stage(cfg, tmp_path / "c", "f", None, anchors)}[stage]
+    with pytest.raises(LoopHandedOver):
+        run()
+    spec = specs[0]
+    lr, horizon, iters = {"source_only": (0.011, 70, 7), "warmup": (0.012, 80, 8), "cag": (0.013, 90, 9)}[stage]
+    assert (spec.poly_power, spec.base_lrs["model"], spec.poly_horizon, spec.iters) == (2.0, lr, horizon, iters)
 
 
 # ----------------------------------------------------------------------------- multi-scale evaluation
