@@ -53,7 +53,10 @@ def clean_notebook(nb):
     """Removes execution timings and papermill records from a notebook (outputs are kept).
 
     Execution counts are renumbered 1, 2, ... over the code cells that ran, as a straight
-    top-to-bottom run numbers them; empty tag lists are dropped.
+    top-to-bottom run numbers them; empty tag lists are dropped. Adjacent stream outputs of the
+    same name are merged into one: the kernel splits a stream when a pause (a control run
+    training in a fresh clone, say) separates two prints, so the split depends on timing, not
+    on what the cell printed.
     """
     for key in VOLATILE_NOTEBOOK_KEYS:
         nb.metadata.pop(key, None)
@@ -69,7 +72,22 @@ def clean_notebook(nb):
             for output in cell.outputs:
                 if "execution_count" in output:
                     output["execution_count"] = count
+        if cell.cell_type == "code":
+            cell.outputs = _merged_streams(cell.outputs)
     return nb
+
+
+def _merged_streams(outputs: list) -> list:
+    """``outputs`` with each run of adjacent stream outputs of one name (stdout, stderr) joined."""
+    merged = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (output.get("output_type") == "stream" and previous is not None
+                and previous.get("output_type") == "stream" and previous.get("name") == output.get("name")):
+            previous["text"] = "".join(previous["text"]) + "".join(output["text"])
+        else:
+            merged.append(output)
+    return merged
 
 
 def execute(path, out=None, parameters: dict | None = None, cwd=None, log_output: bool = False) -> Path:

@@ -240,6 +240,23 @@ def test_clean_notebook_strips_timings_and_renumbers():
     assert cleaned.cells[2].outputs[0]["execution_count"] == 2
 
 
+
+def test_clean_notebook_merges_adjacent_streams_of_one_name():
+    """A fresh clone's make book split one cell's stdout in two (a control run trained between
+    two prints), so its notebook differed from the committed one: adjacent stdout outputs are
+    joined, an stderr output between two stdout outputs keeps them apart."""
+    nb = make_notebook(["print()"])
+    stream = nbformat.v4.new_output
+    nb.cells[0].execution_count = 1
+    nb.cells[0].outputs = [stream("stream", name="stdout", text="a\n"), stream("stream", name="stdout", text="b\n"),
+                           stream("stream", name="stderr", text="warn\n"), stream("stream", name="stdout", text="c\n"),
+                           stream("execute_result", {"text/plain": "1"}, execution_count=1),
+                           stream("stream", name="stdout", text="d\n")]
+    outputs = book.clean_notebook(nb).cells[0].outputs
+    assert [(o["output_type"], o.get("name"), o.get("text")) for o in outputs] == [
+        ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "warn\n"), ("stream", "stdout", "c\n"),
+        ("execute_result", None, None), ("stream", "stdout", "d\n")]
+
 def write_repo(root: Path, notebooks: dict) -> None:
     (root / "cag").mkdir()
     (root / "cag" / "__init__.py").write_text("")
