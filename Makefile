@@ -41,6 +41,11 @@ book: $(BOOK_STAMP)
 	$(MAKE) --no-print-directory notebooks
 	$(MAKE) --no-print-directory html
 
+# The book's training shares the cores with whatever else runs on them: passive OpenMP threads
+# sleep instead of spinning while they wait (the same numbers; on two busy cores the default
+# spinning made a training step about 25 times slower, README). Set OMP_WAIT_POLICY to override.
+main-job notebooks: export OMP_WAIT_POLICY ?= PASSIVE
+
 main-job:
 	$(PY) -m cag run configs/synthetic.yaml
 
