@@ -240,7 +240,6 @@ def test_clean_notebook_strips_timings_and_renumbers():
     assert cleaned.cells[2].outputs[0]["execution_count"] == 2
 
 
-
 def test_clean_notebook_merges_adjacent_streams_of_one_name():
     """A fresh clone's make book split one cell's stdout in two (a control run trained between
     two prints), so its notebook differed from the committed one: adjacent stdout outputs are
@@ -256,6 +255,7 @@ def test_clean_notebook_merges_adjacent_streams_of_one_name():
     assert [(o["output_type"], o.get("name"), o.get("text")) for o in outputs] == [
         ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "warn\n"), ("stream", "stdout", "c\n"),
         ("execute_result", None, None), ("stream", "stdout", "d\n")]
+
 
 def write_repo(root: Path, notebooks: dict) -> None:
     (root / "cag").mkdir()

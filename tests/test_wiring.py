@@ -330,7 +330,6 @@ def test_warmup_stage_gives_the_head_head_lr_mult_times_the_backbone_poly_lr(tmp
         assert disc_lrs == pytest.approx([POLY_0_9[i] / 10], rel=1e-12), i
 
 
-
 class LoopHandedOver(Exception):
     """Raised by the spy in place of training: the stage's set-up is what is under test."""
 
